@@ -1,0 +1,178 @@
+//! What the user typed: the command line as clap sees it. Turned into validated values by
+//! [`crate::config`]; nothing else reads these raw strings.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// corral: runs any program as a supervised cluster, with the commands you know from PM2.
+#[derive(Debug, Parser)]
+#[command(name = "corral", version, about, max_term_width = 100)]
+#[command(
+    after_help = "The daemon starts in the background on the first command that needs it. \
+Its files (socket, logs, dump.json) live in $CORRAL_HOME, by default ~/.corral."
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a script, a binary, or every app of a corral.toml.
+    Start(Box<StartArgs>),
+    /// List every instance.
+    #[command(alias = "list", alias = "status")]
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show everything about one app.
+    #[command(alias = "show", alias = "info")]
+    Describe {
+        /// App name or instance id.
+        target: String,
+    },
+    /// Stop instances (they stay listed).
+    Stop {
+        /// App name, instance id, or `all`.
+        target: String,
+    },
+    /// Restart instances (also stopped and errored ones).
+    Restart {
+        /// App name, instance id, or `all`.
+        target: String,
+    },
+    /// Stop instances and forget them.
+    #[command(alias = "del")]
+    Delete {
+        /// App name, instance id, or `all`.
+        target: String,
+    },
+    /// Change an app's number of instances.
+    Scale {
+        /// App name.
+        app: String,
+        /// New number of instances.
+        instances: String,
+    },
+    /// Send a signal to the main process of instances.
+    #[command(alias = "sendSignal")]
+    Signal {
+        /// Signal: SIGUSR2, USR2 or 12.
+        signal: String,
+        /// App name, instance id, or `all`.
+        target: String,
+    },
+    /// Print recent log lines; with -f, keep printing new ones.
+    Logs(LogsArgs),
+    /// Empty log files.
+    Flush {
+        /// App name or instance id; every app when left out.
+        target: Option<String>,
+    },
+    /// Save the list of apps to `$CORRAL_HOME/dump.json`.
+    #[command(alias = "dump")]
+    Save {
+        /// Save even an empty list over a dump that lists apps.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start the apps saved by `corral save`.
+    Resurrect,
+    /// Stop every app, then the daemon.
+    Kill,
+    /// Check that the daemon answers (starting it if needed).
+    Ping,
+    /// Run the daemon in the foreground (for systemd and containers).
+    Daemon {
+        /// Tell the starting CLI on stdout when ready (internal).
+        #[arg(long, hide = true)]
+        ready_on_stdout: bool,
+    },
+}
+
+/// `corral start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// A script (.js, .py, .sh, ...), a binary, a command on PATH, a corral.toml, or the name of a
+    /// stopped app.
+    pub script: String,
+    /// Arguments for the program, after `--`.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+    /// App name (default: the script's file name without extension).
+    #[arg(long, short = 'n')]
+    pub name: Option<String>,
+    /// Number of instances, or `max` for one per CPU.
+    #[arg(long, short = 'i')]
+    pub instances: Option<String>,
+    /// Working directory (default: the current one).
+    #[arg(long)]
+    pub cwd: Option<PathBuf>,
+    /// An environment variable for the app, K=V (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Program that runs the script (default by extension: .js node, .py python3, .sh bash);
+    /// `none` executes the script itself.
+    #[arg(long)]
+    pub interpreter: Option<String>,
+    /// Arguments for the interpreter, before the script.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub interpreter_args: Option<String>,
+    /// Prefix every log line with its UTC time.
+    #[arg(long)]
+    pub time: bool,
+    /// Do not restart the program when it exits.
+    #[arg(long)]
+    pub no_autorestart: bool,
+    /// An exit sooner than this after start is unstable [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub min_uptime: Option<String>,
+    /// Unstable restarts in a row before the app is errored [default: 10].
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<String>,
+    /// Wait this long before each restart [default: 0].
+    #[arg(long, value_name = "DURATION")]
+    pub restart_delay: Option<String>,
+    /// Exponential backoff between restarts, starting at this delay (x1.5, at most 15s).
+    #[arg(long, value_name = "DURATION")]
+    pub exp_backoff_restart_delay: Option<String>,
+    /// Time between the stop signal and SIGKILL [default: 1600ms].
+    #[arg(long, value_name = "DURATION")]
+    pub kill_timeout: Option<String>,
+    /// Signal that asks the program to stop [default: SIGTERM].
+    #[arg(long, value_name = "SIGNAL")]
+    pub stop_signal: Option<String>,
+    /// Rotate a log file at this size; 0 never rotates [default: 10M].
+    #[arg(long, value_name = "SIZE")]
+    pub log_max_size: Option<String>,
+    /// Rotated log files to keep [default: 5].
+    #[arg(long, value_name = "N")]
+    pub log_keep: Option<String>,
+}
+
+/// `corral logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// App name or instance id; every app when left out.
+    pub target: Option<String>,
+    /// How many recent lines of each file.
+    #[arg(long, default_value_t = 15)]
+    pub lines: usize,
+    /// Keep printing new lines.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only stderr.
+    #[arg(long, conflicts_with = "out")]
+    pub err: bool,
+    /// Only stdout.
+    #[arg(long)]
+    pub out: bool,
+    /// Print the lines without the app prefix.
+    #[arg(long)]
+    pub raw: bool,
+}

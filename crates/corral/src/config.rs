@@ -1,0 +1,457 @@
+//! Second stage of argument handling: raw strings (from the command line or `corral.toml`) to
+//! validated [`AppSpec`]s. Every error names the value, where it came from, and what is accepted.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use corral_proto::AppSpec;
+use corral_proto::signal::Signal;
+use serde::{Deserialize, Deserializer};
+
+use crate::args::StartArgs;
+
+/// Most instances an app may have (the daemon checks this too).
+pub const MAX_INSTANCES: u32 = 1024;
+
+/// `500ms`, `2s`, `1m`, `1h`, or a number of milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let value: u64 = digits.parse().map_err(|_| {
+        format!("'{text}' is not a duration: write 500ms, 2s, 1m, 1h, or milliseconds")
+    })?;
+    let factor = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "'{text}' is not a duration: write 500ms, 2s, 1m, 1h, or milliseconds"
+            ));
+        }
+    };
+    value
+        .checked_mul(factor)
+        .ok_or_else(|| format!("'{text}' is too long a duration"))
+}
+
+/// `10M`, `512K`, `1G`, `10MB`, or a number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let bad = || format!("'{text}' is not a size: write 512K, 10M, 1G, or bytes");
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    let factor: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    value.checked_mul(factor).ok_or_else(bad)
+}
+
+/// `4` or `max`.
+pub fn parse_instances(text: &str) -> Result<u32, String> {
+    if text.trim().eq_ignore_ascii_case("max") {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    }
+    match text.trim().parse::<i64>() {
+        Ok(n) if (1..=i64::from(MAX_INSTANCES)).contains(&n) => Ok(n as u32),
+        _ => Err(format!(
+            "'{text}' is not an instance count: give a number from 1 to {MAX_INSTANCES}, or max"
+        )),
+    }
+}
+
+fn parse_count(text: &str, what: &str) -> Result<u32, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a valid {what}: give a whole number"))
+}
+
+/// A signal name or number.
+pub fn parse_signal(text: &str) -> Result<i32, String> {
+    Signal::parse(text).map(|s| s.number).ok_or_else(|| {
+        format!(
+            "'{text}' is not a signal: use a name such as SIGTERM, SIGINT, SIGUSR2, or its number"
+        )
+    })
+}
+
+fn parse_env(pair: &str) -> Result<(String, String), String> {
+    match pair.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("--env '{pair}' is not KEY=VALUE")),
+    }
+}
+
+/// The interpreter for a script by its extension.
+fn interpreter_for(script: &Path) -> Option<&'static str> {
+    match script.extension()?.to_str()? {
+        "js" | "mjs" | "cjs" => Some("node"),
+        "py" => Some("python3"),
+        "sh" | "bash" => Some("bash"),
+        _ => None,
+    }
+}
+
+/// Finds `program` in the directories of `$PATH`.
+pub fn find_on_path(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return path.is_file().then_some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Where the script is: a path (relative to `cwd`), or a command on PATH.
+pub fn locate_script(arg: &str, cwd: &Path) -> Option<PathBuf> {
+    let candidate = cwd.join(arg);
+    if arg.contains('/') || candidate.exists() {
+        return candidate
+            .is_file()
+            .then(|| std::fs::canonicalize(&candidate).unwrap_or(candidate));
+    }
+    find_on_path(arg)
+}
+
+/// Options common to the command line and `corral.toml`, as raw values.
+#[derive(Debug, Default)]
+struct Raw {
+    name: Option<String>,
+    args: Vec<String>,
+    instances: Option<u32>,
+    interpreter: Option<String>,
+    interpreter_args: Vec<String>,
+    env: BTreeMap<String, String>,
+    autorestart: Option<bool>,
+    time: Option<bool>,
+    min_uptime_ms: Option<u64>,
+    max_restarts: Option<u32>,
+    restart_delay_ms: Option<u64>,
+    exp_backoff_ms: Option<u64>,
+    kill_timeout_ms: Option<u64>,
+    stop_signal: Option<i32>,
+    log_max_size: Option<u64>,
+    log_keep: Option<u32>,
+}
+
+/// Builds one spec: resolves the script, the interpreter, the name, and applies the options.
+fn build(script_arg: &str, cwd: &Path, raw: Raw, origin: &dyn fmt::Display) -> Result<AppSpec> {
+    let script = locate_script(script_arg, cwd).ok_or_else(|| {
+        anyhow!(
+            "{origin}: script '{script_arg}' not found: no file {} and no such command on PATH",
+            cwd.join(script_arg).display()
+        )
+    })?;
+    let interpreter = match raw.interpreter.as_deref() {
+        Some("none") => None,
+        Some(i) => Some(i.to_string()),
+        None => interpreter_for(&script).map(str::to_string),
+    };
+    match &interpreter {
+        Some(i) if find_on_path(i).is_none() => bail!(
+            "{origin}: the interpreter '{i}' for {} is not on PATH: install it, or give its path \
+             with --interpreter",
+            script.display()
+        ),
+        None if !is_executable(&script) => bail!(
+            "{origin}: {} is not executable: run `chmod +x {}`, or name its interpreter with \
+             --interpreter",
+            script.display(),
+            script.display()
+        ),
+        _ => {}
+    }
+    let name = match raw.name {
+        Some(name) => name,
+        None => script
+            .file_stem()
+            .map_or_else(|| "app".into(), |s| s.to_string_lossy().into_owned()),
+    };
+    let mut spec = AppSpec::new(name, script, cwd.to_path_buf());
+    spec.args = raw.args;
+    spec.interpreter = interpreter;
+    spec.interpreter_args = raw.interpreter_args;
+    spec.env = raw.env;
+    let d = |v: Option<u64>, default: u64| v.unwrap_or(default);
+    spec.instances = raw.instances.unwrap_or(spec.instances);
+    spec.autorestart = raw.autorestart.unwrap_or(true);
+    spec.time = raw.time.unwrap_or(false);
+    spec.min_uptime_ms = d(raw.min_uptime_ms, spec.min_uptime_ms);
+    spec.max_restarts = raw.max_restarts.unwrap_or(spec.max_restarts);
+    spec.restart_delay_ms = d(raw.restart_delay_ms, spec.restart_delay_ms);
+    spec.exp_backoff_restart_delay_ms = raw.exp_backoff_ms;
+    spec.kill_timeout_ms = d(raw.kill_timeout_ms, spec.kill_timeout_ms);
+    spec.stop_signal = raw.stop_signal.unwrap_or(spec.stop_signal);
+    spec.log_max_size = raw.log_max_size.unwrap_or(spec.log_max_size);
+    spec.log_keep = raw.log_keep.unwrap_or(spec.log_keep);
+    Ok(spec)
+}
+
+/// The spec of `corral start <script> [options]`.
+pub fn spec_from_args(args: &StartArgs) -> Result<AppSpec> {
+    let here = std::env::current_dir().context("cannot read the current directory")?;
+    let cwd = match &args.cwd {
+        Some(dir) => {
+            let dir = here.join(dir);
+            if !dir.is_dir() {
+                bail!("--cwd {}: no such directory", dir.display());
+            }
+            std::fs::canonicalize(&dir).unwrap_or(dir)
+        }
+        None => here,
+    };
+    let opt = |value: &Option<String>, flag: &str, parse: fn(&str) -> Result<u64, String>| {
+        value
+            .as_deref()
+            .map(|v| parse(v).map_err(|e| anyhow!("--{flag}: {e}")))
+            .transpose()
+    };
+    let count = |value: &Option<String>, flag: &str| {
+        value
+            .as_deref()
+            .map(|v| parse_count(v, flag).map_err(|e| anyhow!("--{flag}: {e}")))
+            .transpose()
+    };
+    let mut env = BTreeMap::new();
+    for pair in &args.env {
+        let (k, v) = parse_env(pair).map_err(|e| anyhow!(e))?;
+        env.insert(k, v);
+    }
+    let raw = Raw {
+        name: args.name.clone(),
+        args: args.args.clone(),
+        instances: args
+            .instances
+            .as_deref()
+            .map(|v| parse_instances(v).map_err(|e| anyhow!("-i/--instances: {e}")))
+            .transpose()?,
+        interpreter: args.interpreter.clone(),
+        interpreter_args: args
+            .interpreter_args
+            .as_deref()
+            .map(|a| a.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default(),
+        env,
+        autorestart: args.no_autorestart.then_some(false),
+        time: args.time.then_some(true),
+        min_uptime_ms: opt(&args.min_uptime, "min-uptime", parse_duration_ms)?,
+        max_restarts: count(&args.max_restarts, "max-restarts")?,
+        restart_delay_ms: opt(&args.restart_delay, "restart-delay", parse_duration_ms)?,
+        exp_backoff_ms: opt(
+            &args.exp_backoff_restart_delay,
+            "exp-backoff-restart-delay",
+            parse_duration_ms,
+        )?,
+        kill_timeout_ms: opt(&args.kill_timeout, "kill-timeout", parse_duration_ms)?,
+        stop_signal: args
+            .stop_signal
+            .as_deref()
+            .map(|s| parse_signal(s).map_err(|e| anyhow!("--stop-signal: {e}")))
+            .transpose()?,
+        log_max_size: opt(&args.log_max_size, "log-max-size", parse_size)?,
+        log_keep: count(&args.log_keep, "log-keep")?,
+    };
+    build(&args.script, &cwd, raw, &"start")
+}
+
+// ---- corral.toml ----
+
+/// A value given either as text (`"2s"`, `"10M"`, `"max"`, `"SIGINT"`) or as a number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TextOrNumber {
+    Number(i64),
+    Text(String),
+}
+
+impl TextOrNumber {
+    fn text(&self) -> String {
+        match self {
+            TextOrNumber::Number(n) => n.to_string(),
+            TextOrNumber::Text(t) => t.clone(),
+        }
+    }
+}
+
+/// Deserializes with a parser, so that a bad value is reported with its line by the TOML parser.
+macro_rules! parsed_field {
+    ($name:ident, $ty:ty, $parse:expr) => {
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<$ty>, D::Error> {
+            let raw = TextOrNumber::deserialize(d)?;
+            $parse(&raw.text())
+                .map(Some)
+                .map_err(serde::de::Error::custom)
+        }
+    };
+}
+parsed_field!(duration_field, u64, parse_duration_ms);
+parsed_field!(size_field, u64, parse_size);
+parsed_field!(instances_field, u32, parse_instances);
+parsed_field!(signal_field, i32, parse_signal);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default, rename = "apps")]
+    apps: Vec<ConfigApp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigApp {
+    name: Option<String>,
+    script: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default, deserialize_with = "instances_field")]
+    instances: Option<u32>,
+    cwd: Option<PathBuf>,
+    interpreter: Option<String>,
+    #[serde(default)]
+    interpreter_args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    autorestart: Option<bool>,
+    time: Option<bool>,
+    #[serde(default, deserialize_with = "duration_field")]
+    min_uptime: Option<u64>,
+    max_restarts: Option<u32>,
+    #[serde(default, deserialize_with = "duration_field")]
+    restart_delay: Option<u64>,
+    #[serde(default, deserialize_with = "duration_field")]
+    exp_backoff_restart_delay: Option<u64>,
+    #[serde(default, deserialize_with = "duration_field")]
+    kill_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "signal_field")]
+    stop_signal: Option<i32>,
+    #[serde(default, deserialize_with = "size_field")]
+    log_max_size: Option<u64>,
+    log_keep: Option<u32>,
+}
+
+/// The apps of a `corral.toml`. Relative paths are relative to the file's directory.
+pub fn specs_from_file(path: &Path) -> Result<Vec<AppSpec>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file: ConfigFile = toml::from_str(&text)
+        .map_err(|e| anyhow!("{} is not a valid corral.toml:\n{e}", path.display()))?;
+    if file.apps.is_empty() {
+        bail!(
+            "{} lists no app: add one with\n\n[[apps]]\nname = \"web\"\nscript = \"server.js\"",
+            path.display()
+        );
+    }
+    let dir = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut specs = Vec::new();
+    for (n, app) in file.apps.into_iter().enumerate() {
+        let label = app.name.clone().unwrap_or_else(|| format!("#{}", n + 1));
+        let origin = format!("{}: app {label}", path.display());
+        let cwd = app.cwd.map_or_else(|| dir.clone(), |c| dir.join(c));
+        if !cwd.is_dir() {
+            bail!("{origin}: cwd {} is not a directory", cwd.display());
+        }
+        let raw = Raw {
+            name: app.name,
+            args: app.args,
+            instances: app.instances,
+            interpreter: app.interpreter,
+            interpreter_args: app.interpreter_args,
+            env: app.env,
+            autorestart: app.autorestart,
+            time: app.time,
+            min_uptime_ms: app.min_uptime,
+            max_restarts: app.max_restarts,
+            restart_delay_ms: app.restart_delay,
+            exp_backoff_ms: app.exp_backoff_restart_delay,
+            kill_timeout_ms: app.kill_timeout,
+            stop_signal: app.stop_signal,
+            log_max_size: app.log_max_size,
+            log_keep: app.log_keep,
+        };
+        specs.push(build(&app.script, &cwd, raw, &origin)?);
+    }
+    Ok(specs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("1500"), Ok(1500));
+        assert_eq!(parse_duration_ms("2s"), Ok(2000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("1m"), Ok(60_000));
+        assert!(
+            parse_duration_ms("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!(parse_duration_ms("-5").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        assert_eq!(parse_size("512kb"), Ok(512 << 10));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("10X").is_err());
+    }
+
+    #[test]
+    fn instance_counts() {
+        assert_eq!(parse_instances("4"), Ok(4));
+        assert!(parse_instances("max").unwrap() >= 1);
+        for bad in ["0", "-1", "lots", "100000"] {
+            assert!(
+                parse_instances(bad).unwrap_err().contains("1 to 1024"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_value_in_corral_toml_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("corral.toml");
+        std::fs::write(
+            &path,
+            "[[apps]]\nname = \"a\"\nscript = \"/bin/true\"\nstop_signal = \"SIGNOPE\"\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", specs_from_file(&path).unwrap_err());
+        assert!(
+            err.contains("line 4") && err.contains("not a signal"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_in_corral_toml_is_named_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("corral.toml");
+        std::fs::write(&path, "[[apps]]\nscript = \"/bin/true\"\ninstanses = 2\n").unwrap();
+        let err = format!("{:#}", specs_from_file(&path).unwrap_err());
+        assert!(err.contains("line 3") && err.contains("instanses"), "{err}");
+    }
+}

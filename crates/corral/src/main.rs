@@ -1,0 +1,289 @@
+//! `corral`: the command line. It parses and validates what the user typed, asks the daemon, and
+//! renders the answer; it holds no supervision logic. `corral daemon` runs the daemon itself.
+
+mod args;
+mod client;
+mod config;
+mod render;
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use clap::Parser;
+use corral_daemon::{Home, HomeError};
+use corral_proto::{Request, Response, Streams};
+
+use args::{Cli, Command, LogsArgs, StartArgs};
+use client::{Client, ConnectError};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("corral: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn base_env() -> BTreeMap<String, String> {
+    std::env::vars().collect()
+}
+
+fn connect(home: &Home) -> Result<Client> {
+    Client::connect(home, true).map_err(|e| anyhow!(e))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let home = Home::from_env();
+    match cli.command {
+        Command::Daemon { ready_on_stdout } => {
+            let options = corral_daemon::Options {
+                home,
+                ready_on_stdout,
+            };
+            return match corral_daemon::run(&options) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("corral daemon: {e}");
+                    let locked = matches!(
+                        e,
+                        corral_daemon::DaemonError::Home(HomeError::Locked { .. })
+                    );
+                    Ok(ExitCode::from(if locked {
+                        client::EXIT_LOCKED as u8
+                    } else {
+                        1
+                    }))
+                }
+            };
+        }
+        Command::Kill => return kill(&home),
+        Command::Start(args) => start(&home, &args)?,
+        Command::Ls { json } => {
+            let instances = expect_instances(connect(&home)?.call(&Request::List)?)?;
+            if json {
+                println_out(&serde_json::to_string_pretty(&instances)?)?;
+            } else {
+                print_out(&render::instances(&instances))?;
+            }
+        }
+        Command::Describe { target } => {
+            match connect(&home)?.call(&Request::Describe { target })? {
+                Response::App(info) => print_out(&render::app(&info))?,
+                other => return Err(unexpected(other)),
+            }
+        }
+        Command::Stop { target } => instances_command(&home, &Request::Stop { target })?,
+        Command::Restart { target } => instances_command(&home, &Request::Restart { target })?,
+        Command::Delete { target } => done_command(&home, &Request::Delete { target })?,
+        Command::Scale { app, instances } => {
+            let instances = config::parse_instances(&instances).map_err(|e| anyhow!(e))?;
+            instances_or_done(connect(&home)?.call(&Request::Scale { app, instances })?)?;
+        }
+        Command::Signal { signal, target } => {
+            let signal = config::parse_signal(&signal).map_err(|e| anyhow!(e))?;
+            done_command(&home, &Request::Signal { target, signal })?;
+        }
+        Command::Logs(args) => logs(&home, &args)?,
+        Command::Flush { target } => done_command(&home, &Request::Flush { target })?,
+        Command::Save { force } => done_command(&home, &Request::Save { force })?,
+        Command::Resurrect => {
+            let response = connect(&home)?.call(&Request::Resurrect {
+                base_env: base_env(),
+            })?;
+            instances_or_done(response)?;
+        }
+        Command::Ping => match connect(&home)?.call(&Request::Ping)? {
+            Response::Pong {
+                pid,
+                version,
+                uptime_ms,
+            } => println_out(&format!(
+                "pong: corral daemon {version}, pid {pid}, up {}",
+                render::duration(uptime_ms)
+            ))?,
+            other => return Err(unexpected(other)),
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_out(text: &str) -> Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+fn println_out(text: &str) -> Result<()> {
+    print_out(&format!("{text}\n"))
+}
+
+fn unexpected(response: Response) -> anyhow::Error {
+    match response {
+        Response::Error { message, .. } => anyhow!(message),
+        other => anyhow!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+fn expect_instances(response: Response) -> Result<Vec<corral_proto::InstanceInfo>> {
+    match response {
+        Response::Instances { instances } => Ok(instances),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn instances_or_done(response: Response) -> Result<()> {
+    match response {
+        Response::Instances { instances } => print_out(&render::instances(&instances)),
+        Response::Done { message } => println_out(&message),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn instances_command(home: &Home, request: &Request) -> Result<()> {
+    let instances = expect_instances(connect(home)?.call(request)?)?;
+    print_out(&render::instances(&instances))
+}
+
+fn done_command(home: &Home, request: &Request) -> Result<()> {
+    match connect(home)?.call(request)? {
+        Response::Done { message } => println_out(&message),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn start(home: &Home, args: &StartArgs) -> Result<()> {
+    let is_config = Path::new(&args.script)
+        .extension()
+        .is_some_and(|e| e == "toml");
+    let specs = if is_config {
+        config::specs_from_file(Path::new(&args.script))?
+    } else if config::locate_script(&args.script, &std::env::current_dir()?).is_none() {
+        // Not a file: perhaps the name of an app to start again, as `pm2 start <name>` does.
+        let mut client = connect(home)?;
+        return match client.call(&Request::Restart {
+            target: args.script.clone(),
+        })? {
+            Response::Instances { instances } => print_out(&render::instances(&instances)),
+            Response::Error { .. } => Err(config::spec_from_args(args)
+                .err()
+                .unwrap_or_else(|| anyhow!("script '{}' not found", args.script)))
+            .map_err(|e| anyhow!("{e:#} (nor is it the name of an app)")),
+            other => Err(unexpected(other)),
+        };
+    } else {
+        vec![config::spec_from_args(args)?]
+    };
+    let response = connect(home)?.call(&Request::Start {
+        apps: specs,
+        base_env: base_env(),
+    })?;
+    let instances = expect_instances(response)?;
+    print_out(&render::instances(&instances))
+}
+
+fn logs(home: &Home, args: &LogsArgs) -> Result<()> {
+    let streams = match (args.out, args.err) {
+        (true, false) => Streams::Out,
+        (false, true) => Streams::Err,
+        _ => Streams::Both,
+    };
+    let mut client = connect(home)?;
+    client.send(&Request::Logs {
+        target: args.target.clone(),
+        lines: args.lines,
+        follow: args.follow,
+        streams,
+    })?;
+    let mut out = io::stdout().lock();
+    loop {
+        match client.receive() {
+            Ok(Response::LogLines { lines }) => {
+                for l in lines {
+                    if args.raw {
+                        writeln!(out, "{}", l.line)?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{}:{} {} | {}",
+                            l.app,
+                            l.instance,
+                            l.stream.as_str(),
+                            l.line
+                        )?;
+                    }
+                }
+                out.flush()?;
+            }
+            Ok(Response::LogEnd) => return Ok(()),
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) if args.follow => {
+                // The daemon went away (corral kill): the stream is over.
+                eprintln!("corral: log stream ended: {e:#}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Stops every app and the daemon. Works across versions: a daemon that speaks another protocol
+/// gets SIGTERM, which also stops every app first.
+fn kill(home: &Home) -> Result<ExitCode> {
+    match Client::connect(home, false) {
+        Ok(mut client) => {
+            let pid = client.daemon_pid;
+            let message = match client.call(&Request::Kill)? {
+                Response::Done { message } => message,
+                other => return Err(unexpected(other)),
+            };
+            wait_gone(pid, home)?;
+            println_out(&message)?;
+        }
+        Err(ConnectError::NotRunning(home)) => {
+            println_out(&format!("no daemon runs with CORRAL_HOME={home}"))?;
+        }
+        Err(ConnectError::VersionMismatch(_)) => {
+            let pid = home.read_pid().ok_or_else(|| {
+                anyhow!("the daemon speaks another protocol and left no pid file")
+            })?;
+            corral_sys::kill(pid, 15)?;
+            wait_gone(pid, home)?;
+            println_out(&format!(
+                "stopped the daemon of another version (pid {pid}) and its apps"
+            ))?;
+        }
+        Err(ConnectError::Other(e)) => return Err(e),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn wait_gone(pid: u32, home: &Home) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let alive = |pid| corral_daemon::stats::read_stat(pid).is_some_and(|s| s.state != b'Z');
+    while alive(pid) {
+        let _ = home;
+        if Instant::now() > deadline {
+            bail!("the daemon (pid {pid}) is still running after 60s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}

@@ -1,0 +1,1110 @@
+//! The supervisor: the one task that owns every app and instance. Everything that happens reaches
+//! it as an [`Event`] (a client request, a reaped child, a timer), and it never awaits, so one
+//! slow client or child cannot stall it. Restart decisions come from `corral-policy`.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use corral_policy::{Decision, ExitCause, RestartPolicy, RestartTracker};
+use corral_proto::signal::Signal;
+use corral_proto::{
+    AppInfo, AppSpec, ErrorKind, InstanceInfo, Request, Response, Status, Stream, Streams, env,
+};
+use corral_sys::ExitKind;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::dump;
+use crate::home::Home;
+use crate::logs::{LogSink, pump};
+use crate::stats::{self, CpuSampler};
+
+/// Most instances one app may have.
+pub const MAX_INSTANCES: u32 = 1024;
+const LINGER_POLL: Duration = Duration::from_millis(20);
+
+/// What the supervisor reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// A client's request and where its answer goes.
+    Request {
+        /// The request.
+        request: Request,
+        /// The answer.
+        reply: oneshot::Sender<Response>,
+    },
+    /// A client wants the log files of a target.
+    LogSources {
+        /// `None` for all.
+        target: Option<String>,
+        /// Which streams.
+        streams: Streams,
+        /// The sinks, or an error response.
+        reply: oneshot::Sender<Result<Vec<LogSource>, Response>>,
+    },
+    /// A child ended and was reaped.
+    Reaped {
+        /// Its pid.
+        pid: u32,
+        /// How it ended.
+        exit: ExitKind,
+    },
+    /// The instance's process has been up for `min_uptime`.
+    ReadyTimer {
+        /// Instance id.
+        id: u32,
+        /// The process it was set for.
+        pid: u32,
+    },
+    /// An instance's restart delay is over.
+    RestartTimer {
+        /// Instance id.
+        id: u32,
+        /// Its token when the timer was set; a newer token cancels it.
+        token: u64,
+    },
+    /// An instance's process did not stop within `kill_timeout`.
+    KillTimer {
+        /// Instance id.
+        id: u32,
+        /// The process it was set for.
+        pid: u32,
+    },
+    /// Time to look at process groups left behind by ended leaders.
+    LingerTick,
+}
+
+/// One log file a client may read.
+#[derive(Debug, Clone)]
+pub struct LogSource {
+    /// App name.
+    pub app: String,
+    /// Instance index.
+    pub instance: u32,
+    /// Which stream.
+    pub stream: Stream,
+    /// The file.
+    pub sink: Arc<LogSink>,
+}
+
+#[derive(Debug)]
+struct App {
+    spec: AppSpec,
+    base_env: BTreeMap<String, String>,
+    instances: Vec<Instance>,
+}
+
+impl App {
+    fn policy(&self) -> RestartPolicy {
+        let spec = &self.spec;
+        RestartPolicy {
+            autorestart: spec.autorestart,
+            min_uptime: Duration::from_millis(spec.min_uptime_ms),
+            max_restarts: spec.max_restarts,
+            restart_delay: Duration::from_millis(spec.restart_delay_ms),
+            exp_backoff: spec.exp_backoff_restart_delay_ms.map(Duration::from_millis),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Instance {
+    id: u32,
+    index: u32,
+    status: Status,
+    process: Option<Proc>,
+    /// Bumped whenever pending restart timers must be ignored.
+    token: u64,
+    tracker: RestartTracker,
+    last_exit: Option<String>,
+    out: Arc<LogSink>,
+    err: Arc<LogSink>,
+    want_running: bool,
+}
+
+#[derive(Debug)]
+struct Proc {
+    pid: u32,
+    started: Instant,
+    stop_sent: bool,
+}
+
+/// A process group whose leader ended while other members lived on.
+#[derive(Debug)]
+struct Lingering {
+    pgid: u32,
+    instance: u32,
+    kill_at: Instant,
+    killed: bool,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    /// Instances that must be down (no process, no lingering group) first.
+    ids: Vec<u32>,
+    then: Then,
+}
+
+#[derive(Debug)]
+enum Then {
+    Report(Vec<u32>, oneshot::Sender<Response>),
+    Done(String, oneshot::Sender<Response>),
+    StartAgain(Vec<u32>, oneshot::Sender<Response>),
+    Remove(String, oneshot::Sender<Response>),
+}
+
+/// The state of the daemon's apps.
+#[derive(Debug)]
+pub struct Supervisor {
+    home: Home,
+    apps: Vec<App>,
+    next_id: u32,
+    events: mpsc::UnboundedSender<Event>,
+    waiters: Vec<Waiter>,
+    lingering: Vec<Lingering>,
+    linger_tick_pending: bool,
+    epoch: Instant,
+    cpu: CpuSampler,
+    shutting_down: bool,
+}
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::error(kind, message)
+}
+
+fn describe_exit(exit: ExitKind) -> String {
+    match exit {
+        ExitKind::Code(code) => format!("exited with code {code}"),
+        ExitKind::Signal(signal) => format!("killed by {}", Signal::describe(signal)),
+    }
+}
+
+impl Supervisor {
+    /// A supervisor with no apps; `events` is the sender of the channel [`Supervisor::run`] reads.
+    pub fn new(home: Home, events: mpsc::UnboundedSender<Event>) -> Supervisor {
+        Supervisor {
+            home,
+            apps: Vec::new(),
+            next_id: 0,
+            events,
+            waiters: Vec::new(),
+            lingering: Vec::new(),
+            linger_tick_pending: false,
+            epoch: Instant::now(),
+            cpu: CpuSampler::default(),
+            shutting_down: false,
+        }
+    }
+
+    /// Handles events until every sender is gone.
+    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        while let Some(event) = events.recv().await {
+            self.handle(event);
+            self.settle_waiters();
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Request { request, reply } => self.request(request, reply),
+            Event::LogSources {
+                target,
+                streams,
+                reply,
+            } => {
+                let _ = reply.send(self.log_sources(target.as_deref(), streams));
+            }
+            Event::Reaped { pid, exit } => self.reaped(pid, exit),
+            Event::ReadyTimer { id, pid } => {
+                if let Some(inst) = self.instance_mut(id)
+                    && inst.status == Status::Starting
+                    && inst.process.as_ref().is_some_and(|p| p.pid == pid)
+                {
+                    inst.status = Status::Online;
+                }
+            }
+            Event::RestartTimer { id, token } => {
+                if let Some(inst) = self.instance_mut(id)
+                    && inst.token == token
+                    && inst.want_running
+                    && inst.status == Status::BackingOff
+                {
+                    self.spawn(id);
+                }
+            }
+            Event::KillTimer { id, pid } => self.kill_timer(id, pid),
+            Event::LingerTick => self.linger_tick(),
+        }
+    }
+
+    fn request(&mut self, request: Request, reply: oneshot::Sender<Response>) {
+        if self.shutting_down && !matches!(request, Request::Ping | Request::List) {
+            let _ = reply.send(error(
+                ErrorKind::ShuttingDown,
+                "the daemon is shutting down; run the command again in a moment",
+            ));
+            return;
+        }
+        let immediate = match request {
+            Request::Ping => Response::Pong {
+                pid: std::process::id(),
+                version: corral_proto::PACKAGE_VERSION.into(),
+                uptime_ms: self.epoch.elapsed().as_millis() as u64,
+            },
+            Request::Start { apps, base_env } => self.start(apps, &base_env),
+            Request::List => {
+                let ids = self.all_ids();
+                self.report(&ids)
+            }
+            Request::Describe { target } => self.describe(&target),
+            Request::Stop { target } => match self.resolve(&target) {
+                Ok(ids) => {
+                    for &id in &ids {
+                        self.stop(id);
+                    }
+                    self.waiters.push(Waiter {
+                        ids: ids.clone(),
+                        then: Then::Report(ids, reply),
+                    });
+                    return;
+                }
+                Err(response) => response,
+            },
+            Request::Restart { target } => match self.resolve(&target) {
+                Ok(ids) => {
+                    self.restart(ids, reply);
+                    return;
+                }
+                Err(response) => response,
+            },
+            Request::Delete { target } => match self.resolve(&target) {
+                Ok(ids) => {
+                    for &id in &ids {
+                        self.stop(id);
+                    }
+                    let message = format!("deleted {target} ({} instance(s))", ids.len());
+                    self.waiters.push(Waiter {
+                        ids,
+                        then: Then::Remove(message, reply),
+                    });
+                    return;
+                }
+                Err(response) => response,
+            },
+            Request::Scale { app, instances } => match self.scale(&app, instances) {
+                Ok(Some(waiter)) => {
+                    let (ids, message) = waiter;
+                    self.waiters.push(Waiter {
+                        ids,
+                        then: Then::Remove(message, reply),
+                    });
+                    return;
+                }
+                Ok(None) => {
+                    let ids = self.app_ids(&app);
+                    self.report(&ids)
+                }
+                Err(response) => response,
+            },
+            Request::Signal { target, signal } => self.signal(&target, signal),
+            Request::Logs { .. } => error(
+                ErrorKind::BadFrame,
+                "logs requests are served by the connection, not the supervisor",
+            ),
+            Request::Flush { target } => self.flush(target.as_deref()),
+            Request::Save { force } => {
+                let specs = self.apps.iter().map(|a| a.spec.clone()).collect();
+                let path = self.home.dump();
+                match dump::save(&path, specs, force) {
+                    Ok(count) => Response::Done {
+                        message: format!("saved {count} app(s) to {}", path.display()),
+                    },
+                    Err(e) => error(ErrorKind::Io, e.to_string()),
+                }
+            }
+            Request::Resurrect { base_env } => self.resurrect(&base_env),
+            Request::Kill => {
+                self.shutting_down = true;
+                let ids = self.all_ids();
+                for &id in &ids {
+                    self.stop(id);
+                }
+                let message = format!("stopped {} app(s); the daemon exits", self.apps.len());
+                self.waiters.push(Waiter {
+                    ids,
+                    then: Then::Done(message, reply),
+                });
+                return;
+            }
+        };
+        let _ = reply.send(immediate);
+    }
+
+    // ---- lookups ----
+
+    fn all_ids(&self) -> Vec<u32> {
+        self.apps
+            .iter()
+            .flat_map(|a| a.instances.iter().map(|i| i.id))
+            .collect()
+    }
+
+    fn app_ids(&self, name: &str) -> Vec<u32> {
+        self.apps
+            .iter()
+            .filter(|a| a.spec.name == name)
+            .flat_map(|a| a.instances.iter().map(|i| i.id))
+            .collect()
+    }
+
+    fn locate(&self, id: u32) -> Option<(usize, usize)> {
+        self.apps.iter().enumerate().find_map(|(a, app)| {
+            app.instances
+                .iter()
+                .position(|i| i.id == id)
+                .map(|i| (a, i))
+        })
+    }
+
+    fn instance_mut(&mut self, id: u32) -> Option<&mut Instance> {
+        let (a, i) = self.locate(id)?;
+        Some(&mut self.apps[a].instances[i])
+    }
+
+    /// `all`, an instance id, or an app name, to instance ids.
+    fn resolve(&self, target: &str) -> Result<Vec<u32>, Response> {
+        if target == "all" {
+            return Ok(self.all_ids());
+        }
+        if let Ok(id) = target.parse::<u32>() {
+            return match self.locate(id) {
+                Some(_) => Ok(vec![id]),
+                None => Err(error(
+                    ErrorKind::UnknownTarget,
+                    format!("no instance has id {id}: `corral ls` lists the ids"),
+                )),
+            };
+        }
+        match self.apps.iter().find(|a| a.spec.name == target) {
+            Some(app) => Ok(app.instances.iter().map(|i| i.id).collect()),
+            None => Err(self.unknown_app(target)),
+        }
+    }
+
+    fn unknown_app(&self, name: &str) -> Response {
+        let known: Vec<&str> = self.apps.iter().map(|a| a.spec.name.as_str()).collect();
+        let listed = if known.is_empty() {
+            "no app is running".to_string()
+        } else {
+            format!("the apps are: {}", known.join(", "))
+        };
+        error(
+            ErrorKind::UnknownTarget,
+            format!("no app is named '{name}' ({listed})"),
+        )
+    }
+
+    // ---- commands ----
+
+    fn start(&mut self, specs: Vec<AppSpec>, base_env: &BTreeMap<String, String>) -> Response {
+        for (n, spec) in specs.iter().enumerate() {
+            if let Err(message) = validate(spec) {
+                return error(
+                    ErrorKind::InvalidSpec,
+                    format!("app '{}': {message}", spec.name),
+                );
+            }
+            if let Some(existing) = self.apps.iter().find(|a| a.spec.name == spec.name) {
+                let id = existing.instances.first().map_or(0, |i| i.id);
+                return error(
+                    ErrorKind::DuplicateName,
+                    format!(
+                        "an app named '{}' exists already (id {id}): give this one another \
+                         --name, or run `corral restart {}`",
+                        spec.name, spec.name
+                    ),
+                );
+            }
+            if specs[..n].iter().any(|s| s.name == spec.name) {
+                return error(
+                    ErrorKind::DuplicateName,
+                    format!(
+                        "two apps are named '{}': app names must be unique",
+                        spec.name
+                    ),
+                );
+            }
+        }
+        let mut started = Vec::new();
+        for spec in specs {
+            started.extend(self.add_app(spec, base_env.clone()));
+        }
+        self.report(&started)
+    }
+
+    fn add_app(&mut self, spec: AppSpec, base_env: BTreeMap<String, String>) -> Vec<u32> {
+        crate::log!(
+            "starting app '{}': {} instance(s) of {}",
+            spec.name,
+            spec.instances,
+            spec.script.display()
+        );
+        let count = spec.instances;
+        self.apps.push(App {
+            spec,
+            base_env,
+            instances: Vec::new(),
+        });
+        let app = self.apps.len() - 1;
+        (0..count)
+            .map(|index| self.add_instance(app, index))
+            .collect()
+    }
+
+    fn add_instance(&mut self, app: usize, index: u32) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let spec = &self.apps[app].spec;
+        let sink = |stream| {
+            LogSink::new(
+                self.home.log_file(&spec.name, index, stream),
+                spec.log_max_size,
+                spec.log_keep,
+            )
+        };
+        let instance = Instance {
+            id,
+            index,
+            status: Status::Starting,
+            process: None,
+            token: 0,
+            tracker: RestartTracker::new(),
+            last_exit: None,
+            out: sink(Stream::Out),
+            err: sink(Stream::Err),
+            want_running: true,
+        };
+        self.apps[app].instances.push(instance);
+        self.spawn(id);
+        id
+    }
+
+    fn describe(&mut self, target: &str) -> Response {
+        let app = match target.parse::<u32>() {
+            Ok(id) => self.locate(id).map(|(a, _)| a),
+            Err(_) => self.apps.iter().position(|a| a.spec.name == target),
+        };
+        let Some(app) = app else {
+            return match target.parse::<u32>() {
+                Ok(id) => error(
+                    ErrorKind::UnknownTarget,
+                    format!("no instance has id {id}: `corral ls` lists the ids"),
+                ),
+                Err(_) => self.unknown_app(target),
+            };
+        };
+        let ids: Vec<u32> = self.apps[app].instances.iter().map(|i| i.id).collect();
+        let instances = ids.iter().filter_map(|&id| self.info(id)).collect();
+        let app = &self.apps[app];
+        let log_files = app
+            .instances
+            .iter()
+            .map(|i| (i.index, i.out.path().into(), i.err.path().into()))
+            .collect();
+        Response::App(Box::new(AppInfo {
+            spec: app.spec.clone(),
+            instances,
+            log_files,
+        }))
+    }
+
+    fn restart(&mut self, ids: Vec<u32>, reply: oneshot::Sender<Response>) {
+        let mut running = Vec::new();
+        for &id in &ids {
+            let Some(inst) = self.instance_mut(id) else {
+                continue;
+            };
+            inst.tracker.reset();
+            inst.token += 1;
+            if inst.process.is_some() {
+                running.push(id);
+            }
+        }
+        for &id in &running {
+            self.stop(id);
+        }
+        for &id in &ids {
+            if !running.contains(&id) {
+                self.spawn(id);
+            }
+        }
+        self.waiters.push(Waiter {
+            ids: running.clone(),
+            then: Then::StartAgain(ids, reply),
+        });
+    }
+
+    /// Grows or shrinks an app; when shrinking, returns the instances to remove once down.
+    fn scale(&mut self, name: &str, count: u32) -> Result<Option<(Vec<u32>, String)>, Response> {
+        if count == 0 || count > MAX_INSTANCES {
+            return Err(error(
+                ErrorKind::InvalidSpec,
+                format!(
+                    "cannot scale '{name}' to {count}: give 1 to {MAX_INSTANCES} instances (`corral stop {name}` stops them all)"
+                ),
+            ));
+        }
+        let Some(app) = self.apps.iter().position(|a| a.spec.name == name) else {
+            return Err(self.unknown_app(name));
+        };
+        let current = self.apps[app].instances.len() as u32;
+        self.apps[app].spec.instances = count;
+        if count >= current {
+            for _ in current..count {
+                let used: Vec<u32> = self.apps[app].instances.iter().map(|i| i.index).collect();
+                let index = (0..=MAX_INSTANCES)
+                    .find(|i| !used.contains(i))
+                    .expect("fewer than MAX_INSTANCES are in use");
+                self.add_instance(app, index);
+            }
+            return Ok(None);
+        }
+        let mut by_index: Vec<(u32, u32)> = self.apps[app]
+            .instances
+            .iter()
+            .map(|i| (i.index, i.id))
+            .collect();
+        by_index.sort_unstable();
+        let removed: Vec<u32> = by_index[count as usize..]
+            .iter()
+            .map(|&(_, id)| id)
+            .collect();
+        for &id in &removed {
+            self.stop(id);
+        }
+        Ok(Some((
+            removed,
+            format!("scaled '{name}' from {current} to {count} instance(s)"),
+        )))
+    }
+
+    fn signal(&mut self, target: &str, number: i32) -> Response {
+        let ids = match self.resolve(target) {
+            Ok(ids) => ids,
+            Err(response) => return response,
+        };
+        let name = Signal::describe(number);
+        let mut sent = 0;
+        for id in ids {
+            if let Some(pid) = self
+                .instance_mut(id)
+                .and_then(|i| i.process.as_ref().map(|p| p.pid))
+            {
+                match corral_sys::kill(pid, number) {
+                    Ok(()) => sent += 1,
+                    Err(e) => crate::log!("sending {name} to pid {pid}: {e}"),
+                }
+            }
+        }
+        if sent == 0 {
+            return error(
+                ErrorKind::UnknownTarget,
+                format!("no instance of {target} is running, so none got {name}"),
+            );
+        }
+        Response::Done {
+            message: format!("sent {name} to {sent} instance(s) of {target}"),
+        }
+    }
+
+    fn flush(&mut self, target: Option<&str>) -> Response {
+        let sources = match self.log_sources(target, Streams::Both) {
+            Ok(sources) => sources,
+            Err(response) => return response,
+        };
+        for source in &sources {
+            if let Err(e) = source.sink.flush() {
+                return error(
+                    ErrorKind::Io,
+                    format!("cannot empty {}: {e}", source.sink.path().display()),
+                );
+            }
+        }
+        Response::Done {
+            message: format!("emptied {} log file(s)", sources.len()),
+        }
+    }
+
+    fn resurrect(&mut self, base_env: &BTreeMap<String, String>) -> Response {
+        let specs = match dump::load(&self.home.dump()) {
+            Ok(specs) => specs,
+            Err(e) => return error(ErrorKind::Io, e.to_string()),
+        };
+        let total = specs.len();
+        let missing: Vec<AppSpec> = specs
+            .into_iter()
+            .filter(|s| !self.apps.iter().any(|a| a.spec.name == s.name))
+            .collect();
+        if missing.is_empty() {
+            return Response::Done {
+                message: format!("nothing to resurrect: the {total} saved app(s) run already"),
+            };
+        }
+        let mut started = Vec::new();
+        for spec in missing {
+            if let Err(message) = validate(&spec) {
+                crate::log!("resurrect: skipping app '{}': {message}", spec.name);
+                continue;
+            }
+            started.extend(self.add_app(spec, base_env.clone()));
+        }
+        self.report(&started)
+    }
+
+    fn log_sources(
+        &self,
+        target: Option<&str>,
+        streams: Streams,
+    ) -> Result<Vec<LogSource>, Response> {
+        let ids = match target {
+            None => self.all_ids(),
+            Some(target) => self.resolve(target)?,
+        };
+        let mut sources = Vec::new();
+        for id in ids {
+            let Some((a, i)) = self.locate(id) else {
+                continue;
+            };
+            let app = &self.apps[a];
+            let inst = &app.instances[i];
+            for (stream, sink) in [(Stream::Out, &inst.out), (Stream::Err, &inst.err)] {
+                let wanted = match streams {
+                    Streams::Both => true,
+                    Streams::Out => stream == Stream::Out,
+                    Streams::Err => stream == Stream::Err,
+                };
+                if wanted {
+                    sources.push(LogSource {
+                        app: app.spec.name.clone(),
+                        instance: inst.index,
+                        stream,
+                        sink: sink.clone(),
+                    });
+                }
+            }
+        }
+        Ok(sources)
+    }
+
+    // ---- processes ----
+
+    fn spawn(&mut self, id: u32) {
+        let Some((a, i)) = self.locate(id) else {
+            return;
+        };
+        let app = &self.apps[a];
+        let spec = &app.spec;
+        let inst = &app.instances[i];
+        let (program, mut args) = match &spec.interpreter {
+            Some(interpreter) => {
+                let mut args = spec.interpreter_args.clone();
+                args.push(spec.script.to_string_lossy().into_owned());
+                (std::ffi::OsString::from(interpreter), args)
+            }
+            None => (spec.script.clone().into_os_string(), Vec::new()),
+        };
+        args.extend(spec.args.iter().cloned());
+        let mut command = std::process::Command::new(&program);
+        command
+            .args(&args)
+            .current_dir(&spec.cwd)
+            .env_clear()
+            .envs(&app.base_env)
+            .envs(&spec.env)
+            .env(env::CORRAL_APP, &spec.name)
+            .env(env::CORRAL_INSTANCE, inst.index.to_string())
+            .env(env::CORRAL_ID, id.to_string())
+            .env(env::NODE_APP_INSTANCE, inst.index.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let spawned = command.spawn();
+        let timestamps = spec.time;
+        let min_uptime = Duration::from_millis(spec.min_uptime_ms);
+        let policy = app.policy();
+        let name = spec.name.clone();
+        let cwd = spec.cwd.display().to_string();
+        let now = self.epoch.elapsed();
+        let inst = &mut self.apps[a].instances[i];
+        inst.token += 1;
+        match spawned {
+            Ok(mut child) => {
+                let pid = child.id();
+                for (pipe, sink) in [
+                    (child.stdout.take().map(OwnedFd::from), inst.out.clone()),
+                    (child.stderr.take().map(OwnedFd::from), inst.err.clone()),
+                ] {
+                    let Some(pipe) = pipe else { continue };
+                    match tokio::net::unix::pipe::Receiver::from_owned_fd(pipe) {
+                        Ok(pipe) => {
+                            tokio::spawn(pump(pipe, sink, timestamps));
+                        }
+                        Err(e) => crate::log!("cannot read output of pid {pid}: {e}"),
+                    }
+                }
+                // Exits are collected by the reaper (waitpid on any pid), not through `child`.
+                drop(child);
+                inst.process = Some(Proc {
+                    pid,
+                    started: Instant::now(),
+                    stop_sent: false,
+                });
+                inst.tracker.on_spawn(now);
+                inst.want_running = true;
+                if min_uptime.is_zero() {
+                    inst.status = Status::Online;
+                } else {
+                    inst.status = Status::Starting;
+                    self.after(min_uptime, Event::ReadyTimer { id, pid });
+                }
+            }
+            Err(e) => {
+                let permanent = matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) || e.raw_os_error() == Some(8); // ENOEXEC
+                let message = format!(
+                    "cannot start {}: {e}. Check that it exists, is executable (or has an \
+                     interpreter), and that the working directory {} exists",
+                    program.to_string_lossy(),
+                    cwd
+                );
+                crate::log!("app '{name}' instance {}: {message}", inst.index);
+                let _ = inst.err.write(format!("[corral] {message}\n").as_bytes());
+                inst.last_exit = Some(message);
+                inst.tracker.on_spawn(now);
+                let decision = if permanent {
+                    Decision::Errored {
+                        unstable_restarts: inst.tracker.unstable_restarts(),
+                    }
+                } else {
+                    inst.tracker.on_exit(&policy, now, ExitCause::Unexpected)
+                };
+                self.apply(id, decision);
+            }
+        }
+    }
+
+    /// Asks an instance to stop: the stop signal to its process group, SIGKILL after `kill_timeout`.
+    fn stop(&mut self, id: u32) {
+        let Some((a, i)) = self.locate(id) else {
+            return;
+        };
+        let stop_signal = self.apps[a].spec.stop_signal;
+        let kill_timeout = Duration::from_millis(self.apps[a].spec.kill_timeout_ms);
+        let inst = &mut self.apps[a].instances[i];
+        inst.want_running = false;
+        inst.token += 1;
+        match inst.process.as_mut() {
+            Some(process) => {
+                inst.status = Status::Stopping;
+                if !process.stop_sent {
+                    process.stop_sent = true;
+                    let pid = process.pid;
+                    if let Err(e) = corral_sys::kill_group(pid, stop_signal) {
+                        crate::log!("stopping process group {pid}: {e}");
+                    }
+                    self.after(kill_timeout, Event::KillTimer { id, pid });
+                }
+            }
+            None => {
+                if inst.status != Status::Errored {
+                    inst.status = Status::Stopped;
+                }
+            }
+        }
+    }
+
+    fn kill_timer(&mut self, id: u32, pid: u32) {
+        let Some(inst) = self.instance_mut(id) else {
+            return;
+        };
+        if inst.process.as_ref().is_some_and(|p| p.pid == pid) {
+            crate::log!(
+                "instance {id} (pid {pid}) did not stop within its kill timeout: sending SIGKILL to its process group"
+            );
+            let _ = corral_sys::kill_group(pid, 9);
+        }
+    }
+
+    fn reaped(&mut self, pid: u32, exit: ExitKind) {
+        let Some((a, i)) = self.apps.iter().enumerate().find_map(|(a, app)| {
+            app.instances
+                .iter()
+                .position(|inst| inst.process.as_ref().is_some_and(|p| p.pid == pid))
+                .map(|i| (a, i))
+        }) else {
+            // An adopted orphan, or a leftover of a group: reaped, nothing more to do.
+            return;
+        };
+        let app = &mut self.apps[a];
+        let policy = app.policy();
+        let stop_signal = app.spec.stop_signal;
+        let kill_timeout = Duration::from_millis(app.spec.kill_timeout_ms);
+        let name = app.spec.name.clone();
+        let now = self.epoch.elapsed();
+        let inst = &mut app.instances[i];
+        let id = inst.id;
+        let process = inst.process.take().expect("found by its process");
+        let how = describe_exit(exit);
+        inst.last_exit = Some(how.clone());
+        let cause = if inst.want_running {
+            ExitCause::Unexpected
+        } else {
+            ExitCause::Requested
+        };
+        crate::log!(
+            "app '{name}' instance {} (pid {pid}) {how} after {:.1}s",
+            inst.index,
+            process.started.elapsed().as_secs_f64()
+        );
+        let decision = inst.tracker.on_exit(&policy, now, cause);
+        // The leader is gone; whatever is left of its group goes too (as systemd does).
+        if stats::group_has_live_members(pid) {
+            if !process.stop_sent {
+                let _ = corral_sys::kill_group(pid, stop_signal);
+            }
+            self.lingering.push(Lingering {
+                pgid: pid,
+                instance: id,
+                kill_at: Instant::now() + kill_timeout,
+                killed: false,
+            });
+            self.schedule_linger_tick();
+        }
+        self.apply(id, decision);
+    }
+
+    fn apply(&mut self, id: u32, decision: Decision) {
+        let Some((a, i)) = self.locate(id) else {
+            return;
+        };
+        let name = self.apps[a].spec.name.clone();
+        let inst = &mut self.apps[a].instances[i];
+        match decision {
+            Decision::Stay => inst.status = Status::Stopped,
+            Decision::Restart { after, .. } if after.is_zero() => self.spawn(id),
+            Decision::Restart { after, .. } => {
+                inst.status = Status::BackingOff;
+                let token = inst.token;
+                self.after(after, Event::RestartTimer { id, token });
+            }
+            Decision::Errored { unstable_restarts } => {
+                inst.status = Status::Errored;
+                let last = inst.last_exit.clone().unwrap_or_default();
+                let message = format!(
+                    "crash loop: {last}, after {unstable_restarts} restart(s) in a row that each \
+                     ended within min_uptime; left stopped. Read `corral logs {name}`, fix the \
+                     cause, then run `corral restart {name}`"
+                );
+                crate::log!("app '{name}' instance {}: {message}", inst.index);
+                inst.last_exit = Some(message);
+            }
+        }
+    }
+
+    fn schedule_linger_tick(&mut self) {
+        if !self.linger_tick_pending {
+            self.linger_tick_pending = true;
+            self.after(LINGER_POLL, Event::LingerTick);
+        }
+    }
+
+    fn linger_tick(&mut self) {
+        self.linger_tick_pending = false;
+        let now = Instant::now();
+        self.lingering.retain_mut(|l| {
+            if !stats::group_has_live_members(l.pgid) {
+                return false;
+            }
+            if !l.killed && now >= l.kill_at {
+                crate::log!(
+                    "process group {} outlived its leader by the kill timeout: sending SIGKILL",
+                    l.pgid
+                );
+                let _ = corral_sys::kill_group(l.pgid, 9);
+                l.killed = true;
+            }
+            true
+        });
+        if !self.lingering.is_empty() {
+            self.schedule_linger_tick();
+        }
+    }
+
+    fn after(&self, delay: Duration, event: Event) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(event);
+        });
+    }
+
+    // ---- waiting for instances to be down ----
+
+    fn is_down(&self, id: u32) -> bool {
+        match self.locate(id) {
+            None => true,
+            Some((a, i)) => {
+                self.apps[a].instances[i].process.is_none()
+                    && !self.lingering.iter().any(|l| l.instance == id)
+            }
+        }
+    }
+
+    fn settle_waiters(&mut self) {
+        let mut n = 0;
+        while n < self.waiters.len() {
+            if self.waiters[n].ids.iter().all(|&id| self.is_down(id)) {
+                let waiter = self.waiters.swap_remove(n);
+                self.complete(waiter);
+            } else {
+                n += 1;
+            }
+        }
+    }
+
+    fn complete(&mut self, waiter: Waiter) {
+        match waiter.then {
+            Then::Report(ids, reply) => {
+                let _ = reply.send(self.report(&ids));
+            }
+            Then::Done(message, reply) => {
+                let _ = reply.send(Response::Done { message });
+            }
+            Then::StartAgain(ids, reply) => {
+                for &id in &waiter.ids {
+                    self.spawn(id);
+                }
+                let _ = reply.send(self.report(&ids));
+            }
+            Then::Remove(message, reply) => {
+                for app in &mut self.apps {
+                    app.instances.retain(|inst| {
+                        let remove = waiter.ids.contains(&inst.id);
+                        if remove {
+                            inst.out.close();
+                            inst.err.close();
+                        }
+                        !remove
+                    });
+                }
+                self.apps.retain(|a| !a.instances.is_empty());
+                let _ = reply.send(Response::Done { message });
+            }
+        }
+    }
+
+    // ---- reporting ----
+
+    fn report(&mut self, ids: &[u32]) -> Response {
+        let instances = ids.iter().filter_map(|&id| self.info(id)).collect();
+        let live: Vec<u32> = self
+            .apps
+            .iter()
+            .flat_map(|a| {
+                a.instances
+                    .iter()
+                    .filter_map(|i| i.process.as_ref().map(|p| p.pid))
+            })
+            .collect();
+        self.cpu.retain(|pid| live.contains(&pid));
+        Response::Instances { instances }
+    }
+
+    fn info(&mut self, id: u32) -> Option<InstanceInfo> {
+        let (a, i) = self.locate(id)?;
+        let app = &self.apps[a];
+        let inst = &app.instances[i];
+        let (pid, uptime) = inst
+            .process
+            .as_ref()
+            .map(|p| (p.pid, p.started.elapsed()))
+            .unzip();
+        let (cpu_percent, memory_bytes) = match (pid, uptime) {
+            (Some(pid), Some(uptime)) => (
+                self.cpu.percent(pid, uptime),
+                stats::resident_bytes(pid).unwrap_or(0),
+            ),
+            _ => (0.0, 0),
+        };
+        Some(InstanceInfo {
+            id,
+            app: app.spec.name.clone(),
+            instance: inst.index,
+            pid,
+            status: inst.status,
+            uptime_ms: uptime.map(|u| u.as_millis() as u64),
+            restarts: inst.tracker.total_restarts(),
+            unstable_restarts: inst.tracker.unstable_restarts(),
+            cpu_percent,
+            memory_bytes,
+            last_exit: inst.last_exit.clone(),
+        })
+    }
+}
+
+/// The daemon's own check of a spec: a client may be anything, not only our CLI.
+pub fn validate(spec: &AppSpec) -> Result<(), String> {
+    let name = &spec.name;
+    if name.is_empty() || name.len() > 128 {
+        return Err("the name must have 1 to 128 characters".into());
+    }
+    if name == "all" || name.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "'{name}' cannot be an app name: `all` and numbers name instances in commands"
+        ));
+    }
+    if name.starts_with('.')
+        || name.starts_with('-')
+        || name
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "'{name}' cannot be an app name: use letters, digits and . _ - @ : (no '/', no spaces, not starting with '.' or '-')"
+        ));
+    }
+    if !spec.script.is_absolute() {
+        return Err(format!(
+            "the script path {} is not absolute",
+            spec.script.display()
+        ));
+    }
+    if !spec.script.exists() {
+        return Err(format!(
+            "the script {} does not exist",
+            spec.script.display()
+        ));
+    }
+    if !spec.cwd.is_dir() {
+        return Err(format!(
+            "the working directory {} is not a directory",
+            spec.cwd.display()
+        ));
+    }
+    if spec.instances == 0 || spec.instances > MAX_INSTANCES {
+        return Err(format!(
+            "{} instances: give 1 to {MAX_INSTANCES}",
+            spec.instances
+        ));
+    }
+    if Signal::parse(&spec.stop_signal.to_string()).is_none() {
+        return Err(format!("{} is not a signal number", spec.stop_signal));
+    }
+    Ok(())
+}

@@ -1,0 +1,425 @@
+//! The messages of the control protocol.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The first frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`crate::PROTOCOL_VERSION`] of the client.
+    pub protocol: u32,
+    /// Package version of the client, for messages.
+    pub version: String,
+}
+
+/// The daemon's answer to [`Hello`] when it speaks the client's protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// [`crate::PROTOCOL_VERSION`] of the daemon.
+    pub protocol: u32,
+    /// Package version of the daemon.
+    pub version: String,
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// What a client asks of the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// Is the daemon there?
+    Ping,
+    /// Start new apps. Fails as a whole, starting nothing, when any spec is refused.
+    Start {
+        /// The apps, validated by the client and again by the daemon.
+        apps: Vec<AppSpec>,
+        /// The caller's environment, under the apps' own `env`. Kept in memory, never saved.
+        base_env: BTreeMap<String, String>,
+    },
+    /// The state of every instance.
+    List,
+    /// Everything about one app.
+    Describe {
+        /// An app name or an instance id.
+        target: String,
+    },
+    /// Stop instances and keep them listed.
+    Stop {
+        /// `all`, an app name or an instance id.
+        target: String,
+    },
+    /// Stop (if running) and start instances again; starts stopped and errored ones too.
+    Restart {
+        /// `all`, an app name or an instance id.
+        target: String,
+    },
+    /// Stop instances and forget them.
+    Delete {
+        /// `all`, an app name or an instance id.
+        target: String,
+    },
+    /// Change an app's number of instances.
+    Scale {
+        /// The app name.
+        app: String,
+        /// The new number of instances, at least 1.
+        instances: u32,
+    },
+    /// Send a signal to the main process of instances.
+    Signal {
+        /// `all`, an app name or an instance id.
+        target: String,
+        /// The signal number.
+        signal: i32,
+    },
+    /// Recent log lines, and with `follow` every new one until the client leaves.
+    Logs {
+        /// `None` for every app.
+        target: Option<String>,
+        /// How many of the last lines of each file to send first.
+        lines: usize,
+        /// Keep streaming new lines.
+        follow: bool,
+        /// Which streams.
+        streams: Streams,
+    },
+    /// Empty the log files.
+    Flush {
+        /// `None` for every app.
+        target: Option<String>,
+    },
+    /// Write the list of apps to `dump.json`.
+    Save {
+        /// Replace a dump that lists apps with an empty list.
+        force: bool,
+    },
+    /// Start the apps of `dump.json` that are not running yet.
+    Resurrect {
+        /// The caller's environment, as in [`Request::Start`].
+        base_env: BTreeMap<String, String>,
+    },
+    /// Stop every app, then the daemon.
+    Kill,
+}
+
+/// Which of an instance's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Streams {
+    /// stdout and stderr.
+    #[default]
+    Both,
+    /// stdout only.
+    Out,
+    /// stderr only.
+    Err,
+}
+
+/// One output stream of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// The program's stdout.
+    Out,
+    /// The program's stderr.
+    Err,
+}
+
+impl Stream {
+    /// `out` or `err`, as in the log file names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Out => "out",
+            Stream::Err => "err",
+        }
+    }
+}
+
+/// The daemon's answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to [`Request::Ping`].
+    Pong {
+        /// The daemon's process id.
+        pid: u32,
+        /// The daemon's package version.
+        version: String,
+        /// How long the daemon has been running.
+        uptime_ms: u64,
+    },
+    /// The instances a request touched (or every instance, for [`Request::List`]).
+    Instances {
+        /// One entry per instance, ordered by id.
+        instances: Vec<InstanceInfo>,
+    },
+    /// Answer to [`Request::Describe`].
+    App(Box<AppInfo>),
+    /// A batch of log lines.
+    LogLines {
+        /// The lines, in the order they were written per file.
+        lines: Vec<LogLine>,
+    },
+    /// The end of a log answer without `follow`.
+    LogEnd,
+    /// Something was done; the text says what.
+    Done {
+        /// One line for the user.
+        message: String,
+    },
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// What is wrong, where, and what to do, for the user.
+        message: String,
+    },
+}
+
+impl Response {
+    /// An error response.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+        Response::Error {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Kinds of [`Response::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The client and daemon speak different protocol versions.
+    VersionMismatch,
+    /// The peer is another user.
+    PermissionDenied,
+    /// The frame was too large or not a valid message.
+    BadFrame,
+    /// No app or instance matches the target.
+    UnknownTarget,
+    /// An app of that name exists already.
+    DuplicateName,
+    /// An app description was refused.
+    InvalidSpec,
+    /// A file could not be read or written.
+    Io,
+    /// The program could not be started.
+    Spawn,
+    /// The daemon is shutting down.
+    ShuttingDown,
+}
+
+/// How to run one app: everything `start` and `corral.toml` can say, and what `save` keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    /// Unique name.
+    pub name: String,
+    /// Absolute path of the script or binary.
+    pub script: PathBuf,
+    /// Arguments after the script.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Program that runs the script (`node`, `python3`, ...); `None` executes the script itself.
+    #[serde(default)]
+    pub interpreter: Option<String>,
+    /// Arguments given to the interpreter before the script.
+    #[serde(default)]
+    pub interpreter_args: Vec<String>,
+    /// Working directory, absolute.
+    pub cwd: PathBuf,
+    /// Environment the user gave for this app (over the caller's environment).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Number of instances, at least 1.
+    #[serde(default = "defaults::instances")]
+    pub instances: u32,
+    /// Restart after an unexpected exit.
+    #[serde(default = "defaults::yes")]
+    pub autorestart: bool,
+    /// An exit before this uptime counts as unstable.
+    #[serde(default = "defaults::min_uptime_ms")]
+    pub min_uptime_ms: u64,
+    /// Unstable restarts in a row before the instance is `errored`.
+    #[serde(default = "defaults::max_restarts")]
+    pub max_restarts: u32,
+    /// Delay before a restart.
+    #[serde(default)]
+    pub restart_delay_ms: u64,
+    /// Initial delay of exponential backoff between restarts (PM2's `exp_backoff_restart_delay`).
+    #[serde(default)]
+    pub exp_backoff_restart_delay_ms: Option<u64>,
+    /// Time between the stop signal and SIGKILL.
+    #[serde(default = "defaults::kill_timeout_ms")]
+    pub kill_timeout_ms: u64,
+    /// Signal that asks the program to stop.
+    #[serde(default = "defaults::stop_signal")]
+    pub stop_signal: i32,
+    /// Prefix each log line with its UTC time.
+    #[serde(default)]
+    pub time: bool,
+    /// Rotate a log file when it would grow past this many bytes; 0 never rotates.
+    #[serde(default = "defaults::log_max_size")]
+    pub log_max_size: u64,
+    /// Rotated files kept per log.
+    #[serde(default = "defaults::log_keep")]
+    pub log_keep: u32,
+}
+
+/// Default values of [`AppSpec`] fields.
+pub mod defaults {
+    /// One instance.
+    pub fn instances() -> u32 {
+        1
+    }
+    /// `true`.
+    pub fn yes() -> bool {
+        true
+    }
+    /// One second, as PM2.
+    pub fn min_uptime_ms() -> u64 {
+        1000
+    }
+    /// Ten unstable restarts in a row.
+    pub fn max_restarts() -> u32 {
+        10
+    }
+    /// 1.6 s, as PM2.
+    pub fn kill_timeout_ms() -> u64 {
+        1600
+    }
+    /// SIGTERM.
+    pub fn stop_signal() -> i32 {
+        15
+    }
+    /// 10 MiB.
+    pub fn log_max_size() -> u64 {
+        10 * 1024 * 1024
+    }
+    /// Five rotated files.
+    pub fn log_keep() -> u32 {
+        5
+    }
+}
+
+impl AppSpec {
+    /// A spec with every option at its default.
+    pub fn new(name: String, script: PathBuf, cwd: PathBuf) -> AppSpec {
+        AppSpec {
+            name,
+            script,
+            args: Vec::new(),
+            interpreter: None,
+            interpreter_args: Vec::new(),
+            cwd,
+            env: BTreeMap::new(),
+            instances: defaults::instances(),
+            autorestart: true,
+            min_uptime_ms: defaults::min_uptime_ms(),
+            max_restarts: defaults::max_restarts(),
+            restart_delay_ms: 0,
+            exp_backoff_restart_delay_ms: None,
+            kill_timeout_ms: defaults::kill_timeout_ms(),
+            stop_signal: defaults::stop_signal(),
+            time: false,
+            log_max_size: defaults::log_max_size(),
+            log_keep: defaults::log_keep(),
+        }
+    }
+}
+
+/// Where an instance is in its life.
+///
+/// ```text
+///             spawn            stayed up min_uptime
+///  (new) ──────────▶ starting ─────────────────────▶ online
+///                       │  ▲                           │
+///        exited early   │  │ delay over     stop       │ exited
+///                       ▼  │                           ▼
+///   errored ◀─────── backing-off ◀────────────── stopping ──▶ stopped
+///        too many unstable exits                 (group gone)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Spawned, not yet up for `min_uptime`.
+    Starting,
+    /// Running and ready.
+    Online,
+    /// Asked to stop; its process group is not gone yet.
+    Stopping,
+    /// Not running, by request (or autorestart is off).
+    Stopped,
+    /// Exited; waiting for its restart delay.
+    BackingOff,
+    /// Crash loop detected (or the program cannot be started): left down until the user acts.
+    Errored,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Starting => "starting",
+            Status::Online => "online",
+            Status::Stopping => "stopping",
+            Status::Stopped => "stopped",
+            Status::BackingOff => "backing-off",
+            Status::Errored => "errored",
+        })
+    }
+}
+
+/// One instance as `ls` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// Unique id within this daemon.
+    pub id: u32,
+    /// App name.
+    pub app: String,
+    /// Index within the app.
+    pub instance: u32,
+    /// Process id of the running program (also its process group id).
+    pub pid: Option<u32>,
+    /// Where it is in its life.
+    pub status: Status,
+    /// Time since the current process started.
+    pub uptime_ms: Option<u64>,
+    /// Automatic restarts so far.
+    pub restarts: u32,
+    /// Unstable exits in a row.
+    pub unstable_restarts: u32,
+    /// CPU use since the previous sample, in percent of one core.
+    pub cpu_percent: f64,
+    /// Resident memory of the main process.
+    pub memory_bytes: u64,
+    /// How the previous process ended, or why the instance is errored.
+    pub last_exit: Option<String>,
+}
+
+/// Everything about one app, for `describe`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppInfo {
+    /// How it is run.
+    pub spec: AppSpec,
+    /// Its instances.
+    pub instances: Vec<InstanceInfo>,
+    /// Log files per instance index: (index, stdout path, stderr path).
+    pub log_files: Vec<(u32, PathBuf, PathBuf)>,
+}
+
+/// One line of a program's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// App name.
+    pub app: String,
+    /// Instance index.
+    pub instance: u32,
+    /// Which stream.
+    pub stream: Stream,
+    /// The line, without its newline (invalid UTF-8 replaced).
+    pub line: String,
+}
