@@ -52,10 +52,13 @@ impl Client {
     pub fn connect(home: &Home, autostart: bool) -> Result<Client, ConnectError> {
         match UnixStream::connect(home.socket()) {
             Ok(stream) => Client::handshake(stream),
+            // NotADirectory: CORRAL_HOME is below a file; preparing the home explains that.
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::NotADirectory
                 ) =>
             {
                 if !autostart {

@@ -176,8 +176,13 @@ fn start(home: &Home, args: &StartArgs) -> Result<()> {
     let specs = if is_config {
         config::specs_from_file(Path::new(&args.script))?
     } else if config::locate_script(&args.script, &std::env::current_dir()?).is_none() {
-        // Not a file: perhaps the name of an app to start again, as `pm2 start <name>` does.
-        let mut client = connect(home)?;
+        // Not a file: perhaps the name of an app to start again, as `pm2 start <name>` does. No
+        // daemon means no such app: a mistyped script name does not start one.
+        let Ok(mut client) = Client::connect(home, false) else {
+            return Err(config::spec_from_args(args)
+                .err()
+                .unwrap_or_else(|| anyhow!("script '{}' not found", args.script)));
+        };
         return match client.call(&Request::Restart {
             target: args.script.clone(),
         })? {
@@ -254,7 +259,7 @@ fn kill(home: &Home) -> Result<ExitCode> {
                 Response::Done { message } => message,
                 other => return Err(unexpected(other)),
             };
-            wait_gone(pid, home)?;
+            wait_gone(pid)?;
             println_out(&message)?;
         }
         Err(ConnectError::NotRunning(home)) => {
@@ -265,7 +270,7 @@ fn kill(home: &Home) -> Result<ExitCode> {
                 anyhow!("the daemon speaks another protocol and left no pid file")
             })?;
             corral_sys::kill(pid, 15)?;
-            wait_gone(pid, home)?;
+            wait_gone(pid)?;
             println_out(&format!(
                 "stopped the daemon of another version (pid {pid}) and its apps"
             ))?;
@@ -275,11 +280,11 @@ fn kill(home: &Home) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn wait_gone(pid: u32, home: &Home) -> Result<()> {
+/// Waits until the daemon process is gone (a zombie waiting for its reaper counts as gone).
+fn wait_gone(pid: u32) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let alive = |pid| corral_daemon::stats::read_stat(pid).is_some_and(|s| s.state != b'Z');
     while alive(pid) {
-        let _ = home;
         if Instant::now() > deadline {
             bail!("the daemon (pid {pid}) is still running after 60s");
         }

@@ -99,6 +99,8 @@ pub fn run(options: &Options) -> Result<(), DaemonError> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(serve(home.clone(), listener, options.ready_on_stdout));
+    // Leave no zombie of ours to whoever adopts them next.
+    while let Ok(Some(_)) = corral_sys::reap_any() {}
     let _ = std::fs::remove_file(&socket_path);
     let _ = std::fs::remove_file(home.pid_file());
     log!("daemon exits");

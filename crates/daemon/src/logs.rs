@@ -103,12 +103,29 @@ impl LogSink {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Appends `data` (whole lines). On failure, says how many bytes did reach the file.
+    /// Appends `data` (whole lines), rotating wherever the next line would take the file past its
+    /// size limit, so that a batch of lines never makes one file overgrow. On failure, says how
+    /// many bytes did reach the files.
     pub fn write(&self, data: &[u8]) -> Result<(), (usize, io::Error)> {
-        let mut inner = self.lock();
-        if inner.max_size > 0 && inner.size > 0 && inner.size + data.len() as u64 > inner.max_size {
-            self.rotate(&mut inner).map_err(|e| (0, e))?;
+        let mut done = 0;
+        while done < data.len() {
+            done += self
+                .write_some(&data[done..])
+                .map_err(|(written, e)| (done + written, e))?;
         }
+        Ok(())
+    }
+
+    /// Writes the lines of `data` that fit in the current file, after a rotation when not even
+    /// one does; returns how many bytes that was.
+    fn write_some(&self, data: &[u8]) -> Result<usize, (usize, io::Error)> {
+        let mut inner = self.lock();
+        let mut len = fitting(data, inner.size, inner.max_size);
+        if inner.max_size > 0 && inner.size > 0 && inner.size + len as u64 > inner.max_size {
+            self.rotate(&mut inner).map_err(|e| (0, e))?;
+            len = fitting(data, 0, inner.max_size);
+        }
+        let data = &data[..len];
         if inner.file.is_none() {
             inner.file = Some(open_append(&self.path).map_err(|e| (0, e))?);
             inner.size = 0;
@@ -135,7 +152,7 @@ impl LogSink {
         if written > 0 {
             self.changed.send_replace(position);
         }
-        result.map_err(|e| (written, e))
+        result.map(|()| len).map_err(|e| (written, e))
     }
 
     /// `out.log` → `out.log.1` → ... → `out.log.<keep>`, the oldest dropped; a new empty file.
@@ -179,6 +196,23 @@ impl LogSink {
         drop(inner);
         self.changed.send_replace(position);
         Ok(())
+    }
+}
+
+/// How much of `data` goes into a file of `size` bytes limited to `max` (0: no limit): every line
+/// that fits; when not even one does, the first line alone (the caller then rotates first, unless
+/// the file is empty and the line is longer than a whole file).
+fn fitting(data: &[u8], size: u64, max: u64) -> usize {
+    let room = max.saturating_sub(size);
+    if max == 0 || data.len() as u64 <= room {
+        return data.len();
+    }
+    match data[..room as usize].iter().rposition(|&b| b == b'\n') {
+        Some(end) => end + 1,
+        None => data
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(data.len(), |end| end + 1),
     }
 }
 
@@ -488,6 +522,20 @@ mod tests {
         assert_eq!(read("app-0-out.log.1"), "line-3\n");
         assert_eq!(read("app-0-out.log.2"), "line-2\n");
         assert!(!dir.path().join("app-0-out.log.3").exists());
+    }
+
+    #[test]
+    fn splits_a_batch_of_lines_at_the_size_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = sink_in(dir.path(), 20, 3);
+        sink.write(b"aaaaaaaa\nbbbbbbbb\ncccccccc\ndddddddd\n")
+            .unwrap();
+        sink.write(b"a line longer than a whole file\ne\n").unwrap();
+        let read = |p: &str| fs::read_to_string(dir.path().join(p)).unwrap();
+        assert_eq!(read("app-0-out.log.3"), "aaaaaaaa\nbbbbbbbb\n");
+        assert_eq!(read("app-0-out.log.2"), "cccccccc\ndddddddd\n");
+        assert_eq!(read("app-0-out.log.1"), "a line longer than a whole file\n");
+        assert_eq!(read("app-0-out.log"), "e\n");
     }
 
     #[test]
