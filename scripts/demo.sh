@@ -29,7 +29,7 @@ say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 answer() { # waits (bounded) until 127.0.0.1:$1 answers, then prints the answer
   for _ in $(seq 1 200); do
     if out=$(python3 -c "import urllib.request,sys; print(urllib.request.urlopen('http://127.0.0.1:$1/', timeout=1).read().decode(), end='')" 2>/dev/null); then
-      printf '%s' "$out"; return 0
+      printf '%s\n' "$out"; return 0
     fi
     python3 -c "import time; time.sleep(0.05)"
   done

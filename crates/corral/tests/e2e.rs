@@ -1185,3 +1185,47 @@ fn kill_stops_every_app_and_the_daemon_and_removes_the_socket() {
     let again = home.ok(&["kill"]);
     assert!(again.contains("no daemon runs"), "{again}");
 }
+
+// ---- options that shape how the program runs ----
+
+#[test]
+fn time_prefixes_each_line_and_interpreter_runs_the_script() {
+    let home = Home::new();
+    // No extension: without --interpreter this file would be executed directly (and fail, it
+    // is not executable); with it, python3 runs it and gets the interpreter arguments first.
+    let script = home.file(
+        "printer",
+        "import sys\nprint('flags', sys.flags.dont_write_bytecode)\nprint('second line')\n",
+    );
+    home.ok(&[
+        "start",
+        arg(&script),
+        "-n",
+        "stamped",
+        "--time",
+        "--interpreter",
+        "python3",
+        "--interpreter-args",
+        "-B",
+        "--no-autorestart",
+    ]);
+    let log = home.wait_log("stamped", 0, "out", "second line");
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    for (line, text) in lines.iter().zip(["flags 1", "second line"]) {
+        let (stamp, rest) = line.split_once(' ').unwrap();
+        // 2026-11-24T08:15:02.123Z
+        assert_eq!(stamp.len(), 24, "{line}");
+        assert!(
+            stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T',
+            "{line}"
+        );
+        assert_eq!(rest, text);
+    }
+    let described = home.ok(&["describe", "stamped"]);
+    assert!(
+        described.contains("python3") && described.contains("-B"),
+        "{described}"
+    );
+    home.ok(&["delete", "stamped"]);
+}
