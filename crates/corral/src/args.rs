@@ -1,6 +1,9 @@
 //! What the user typed: the command line as clap sees it. Turned into validated values by
 //! [`crate::config`]; nothing else reads these raw strings.
 
+// These doc comments are the help text users read in a terminal, not rustdoc: no Markdown.
+#![allow(clippy::doc_markdown)]
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -44,6 +47,11 @@ pub enum Command {
     /// Restart instances (also stopped and errored ones).
     Restart {
         /// App name, instance id, or `all`.
+        target: String,
+    },
+    /// Replace every instance one at a time, each new one ready before the old one stops.
+    Reload {
+        /// App name, or `all`.
         target: String,
     },
     /// Stop instances and forget them.
@@ -153,6 +161,21 @@ pub struct StartArgs {
     /// Rotated log files to keep [default: 5].
     #[arg(long, value_name = "N")]
     pub log_keep: Option<String>,
+    /// An address the master listens on and shares with the workers (repeatable):
+    /// 127.0.0.1:8080, [::1]:0, 8080, unix:/path.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// How connections reach workers: `shared` (each worker gets the listening sockets by
+    /// systemd socket activation and accepts on its own) [default: shared].
+    #[arg(long, value_name = "MODE")]
+    pub lb: Option<String>,
+    /// A worker is ready only when it says so (a `ready` message), not after --min-uptime.
+    #[arg(long)]
+    pub wait_ready: bool,
+    /// With --wait-ready, how long a worker may take to be ready before it counts as failed
+    /// [default: 3s].
+    #[arg(long, value_name = "DURATION")]
+    pub listen_timeout: Option<String>,
 }
 
 /// `corral logs`.

@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use corral_proto::AppSpec;
 use corral_proto::signal::Signal;
+use corral_proto::{AppSpec, LbMode};
 use serde::{Deserialize, Deserializer};
 
 use crate::args::StartArgs;
@@ -148,6 +148,25 @@ struct Raw {
     stop_signal: Option<i32>,
     log_max_size: Option<u64>,
     log_keep: Option<u32>,
+    listen: Vec<String>,
+    lb: Option<LbMode>,
+    wait_ready: Option<bool>,
+    listen_timeout_ms: Option<u64>,
+}
+
+/// `shared` (the only mode so far).
+pub fn parse_lb(text: &str) -> Result<LbMode, String> {
+    match text.trim() {
+        "shared" => Ok(LbMode::Shared),
+        other => Err(format!(
+            "'{other}' is not a load-balancing mode: use shared"
+        )),
+    }
+}
+
+/// Checks a listen address.
+fn check_listen(address: &str) -> Result<String, String> {
+    corral_daemon::listeners::parse(address).map(|_| address.trim().to_string())
 }
 
 /// Builds one spec: resolves the script, the interpreter, the name, and applies the options.
@@ -200,6 +219,14 @@ fn build(script_arg: &str, cwd: &Path, raw: Raw, origin: &dyn fmt::Display) -> R
     spec.stop_signal = raw.stop_signal.unwrap_or(spec.stop_signal);
     spec.log_max_size = raw.log_max_size.unwrap_or(spec.log_max_size);
     spec.log_keep = raw.log_keep.unwrap_or(spec.log_keep);
+    spec.listen = raw
+        .listen
+        .iter()
+        .map(|a| check_listen(a).map_err(|e| anyhow!("{origin}: {e}")))
+        .collect::<Result<_>>()?;
+    spec.lb = raw.lb.unwrap_or(spec.lb);
+    spec.wait_ready = raw.wait_ready.unwrap_or(false);
+    spec.listen_timeout_ms = raw.listen_timeout_ms.unwrap_or(spec.listen_timeout_ms);
     Ok(spec)
 }
 
@@ -266,6 +293,14 @@ pub fn spec_from_args(args: &StartArgs) -> Result<AppSpec> {
             .transpose()?,
         log_max_size: opt(&args.log_max_size, "log-max-size", parse_size)?,
         log_keep: count(&args.log_keep, "log-keep")?,
+        listen: args.listen.clone(),
+        lb: args
+            .lb
+            .as_deref()
+            .map(|m| parse_lb(m).map_err(|e| anyhow!("--lb: {e}")))
+            .transpose()?,
+        wait_ready: args.wait_ready.then_some(true),
+        listen_timeout_ms: opt(&args.listen_timeout, "listen-timeout", parse_duration_ms)?,
     };
     build(&args.script, &cwd, raw, &"start")
 }
@@ -304,6 +339,7 @@ parsed_field!(duration_field, u64, parse_duration_ms);
 parsed_field!(size_field, u64, parse_size);
 parsed_field!(instances_field, u32, parse_instances);
 parsed_field!(signal_field, i32, parse_signal);
+parsed_field!(lb_field, LbMode, parse_lb);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -343,6 +379,13 @@ struct ConfigApp {
     #[serde(default, deserialize_with = "size_field")]
     log_max_size: Option<u64>,
     log_keep: Option<u32>,
+    #[serde(default)]
+    listen: Vec<String>,
+    #[serde(default, deserialize_with = "lb_field")]
+    lb: Option<LbMode>,
+    wait_ready: Option<bool>,
+    #[serde(default, deserialize_with = "duration_field")]
+    listen_timeout: Option<u64>,
 }
 
 /// The apps of a `corral.toml`. Relative paths are relative to the file's directory.
@@ -386,6 +429,10 @@ pub fn specs_from_file(path: &Path) -> Result<Vec<AppSpec>> {
             stop_signal: app.stop_signal,
             log_max_size: app.log_max_size,
             log_keep: app.log_keep,
+            listen: app.listen,
+            lb: app.lb,
+            wait_ready: app.wait_ready,
+            listen_timeout_ms: app.listen_timeout,
         };
         specs.push(build(&app.script, &cwd, raw, &origin)?);
     }

@@ -21,6 +21,13 @@ use args::{Cli, Command, LogsArgs, StartArgs};
 use client::{Client, ConnectError};
 
 fn main() -> ExitCode {
+    let mut argv = std::env::args_os();
+    if argv
+        .nth(1)
+        .is_some_and(|a| a == corral_daemon::supervisor::ACTIVATE_SHIM)
+    {
+        return activate(argv);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -32,6 +39,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The exec shim of socket activation: `corral __activate <program> [args]` execs the program
+/// with `LISTEN_PID` set to its own pid (the same pid after exec), which the daemon cannot know
+/// before it forks. Everything else (descriptors, environment) passes through unchanged.
+fn activate(mut argv: std::env::ArgsOs) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let Some(program) = argv.next() else {
+        eprintln!(
+            "corral: {} needs a program",
+            corral_daemon::supervisor::ACTIVATE_SHIM
+        );
+        return ExitCode::from(127);
+    };
+    let error = std::process::Command::new(&program)
+        .args(argv)
+        .env(
+            corral_proto::env::LISTEN_PID,
+            std::process::id().to_string(),
+        )
+        .exec();
+    eprintln!(
+        "corral: cannot start {}: {error}",
+        program.to_string_lossy()
+    );
+    ExitCode::from(127)
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -91,6 +124,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Stop { target } => instances_command(&home, &Request::Stop { target })?,
         Command::Restart { target } => instances_command(&home, &Request::Restart { target })?,
+        Command::Reload { target } => instances_command(&home, &Request::Reload { target })?,
         Command::Delete { target } => done_command(&home, &Request::Delete { target })?,
         Command::Scale { app, instances } => {
             let instances = config::parse_instances(&instances).map_err(|e| anyhow!(e))?;

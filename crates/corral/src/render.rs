@@ -86,6 +86,15 @@ pub fn instances(list: &[InstanceInfo]) -> String {
         ],
         &rows,
     );
+    let mut listening: Vec<(&str, &[String])> = Vec::new();
+    for i in list {
+        if !i.listen.is_empty() && !listening.iter().any(|(app, _)| *app == i.app) {
+            listening.push((&i.app, &i.listen));
+        }
+    }
+    for (app, addresses) in listening {
+        let _ = writeln!(out, "{app} listens on {}", addresses.join(", "));
+    }
     for i in list {
         if let (corral_proto::Status::Errored, Some(why)) = (i.status, &i.last_exit) {
             let _ = writeln!(out, "\n{} (id {}): {why}", i.app, i.id);
@@ -149,6 +158,28 @@ pub fn app(info: &AppInfo) -> String {
             "-".into()
         } else {
             env.join(" ")
+        },
+    );
+    let listen = info
+        .instances
+        .first()
+        .map(|i| i.listen.join(", "))
+        .unwrap_or_default();
+    field(
+        "listen",
+        if listen.is_empty() {
+            "-".into()
+        } else {
+            listen
+        },
+    );
+    field("load balancing", s.lb.to_string());
+    field(
+        "ready",
+        if s.wait_ready {
+            format!("when it says so, within {}ms", s.listen_timeout_ms)
+        } else {
+            format!("after {}ms up, or when it says so", s.min_uptime_ms)
         },
     );
     out.push('\n');

@@ -10,8 +10,10 @@
 //! reaped by the reaper (this process is a child subreaper and reaps every pid with `waitpid`),
 //! and timers. Output pipes are drained by their own tasks into [`logs`].
 
+pub mod channel;
 pub mod dump;
 pub mod home;
+pub mod listeners;
 pub mod logs;
 pub mod server;
 pub mod stats;

@@ -2,14 +2,15 @@
 //! it as an [`Event`] (a client request, a reaped child, a timer), and it never awaits, so one
 //! slow client or child cannot stall it. Restart decisions come from `corral-policy`.
 
-use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corral_policy::{Decision, ExitCause, RestartPolicy, RestartTracker};
+use corral_proto::channel::{CHANNEL_PROTOCOL_VERSION, WorkerMessage};
 use corral_proto::signal::Signal;
 use corral_proto::{
     AppInfo, AppSpec, ErrorKind, InstanceInfo, Request, Response, Status, Stream, Streams, env,
@@ -19,8 +20,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::dump;
 use crate::home::Home;
+use crate::listeners::{self, Listener};
 use crate::logs::{LogSink, pump};
 use crate::stats::{self, CpuSampler};
+
+/// First argument that makes the `corral` binary an exec shim setting `LISTEN_PID`.
+pub const ACTIVATE_SHIM: &str = "__activate";
 
 /// Most instances one app may have.
 pub const MAX_INSTANCES: u32 = 1024;
@@ -75,6 +80,27 @@ pub enum Event {
     },
     /// Time to look at process groups left behind by ended leaders.
     LingerTick,
+    /// A worker said something on its channel.
+    Worker {
+        /// The worker's process.
+        pid: u32,
+        /// What it said.
+        message: WorkerMessage,
+    },
+    /// A worker broke the channel protocol; the channel is closed already.
+    ChannelFault {
+        /// The worker's process.
+        pid: u32,
+        /// What was wrong.
+        problem: String,
+    },
+    /// A worker under `wait_ready` was given `listen_timeout` to say it is ready.
+    ListenTimeout {
+        /// Instance id.
+        id: u32,
+        /// The process it was set for.
+        pid: u32,
+    },
 }
 
 /// One log file a client may read.
@@ -95,6 +121,8 @@ struct App {
     spec: AppSpec,
     base_env: BTreeMap<String, String>,
     instances: Vec<Instance>,
+    /// Bound once, kept across restarts and reloads, closed with the app.
+    listeners: Vec<Listener>,
 }
 
 impl App {
@@ -130,6 +158,35 @@ struct Proc {
     pid: u32,
     started: Instant,
     stop_sent: bool,
+    /// Why the daemon ended it, when it did so on its own account (not ready in time, broke its
+    /// channel): said instead of the bare "killed by SIGKILL".
+    reason: Option<String>,
+}
+
+/// A process that no longer serves as its instance (replaced by a reload, or it said it is going
+/// down) and is finishing its work.
+#[derive(Debug)]
+struct Draining {
+    id: u32,
+    process: Proc,
+}
+
+/// A rolling reload of one app: one instance at a time, the new process ready before the old one
+/// is stopped; the first failure ends it with the old process back in service.
+#[derive(Debug)]
+struct Reload {
+    app: String,
+    queue: VecDeque<u32>,
+    step: Option<ReloadStep>,
+    reply: Option<oneshot::Sender<Response>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ReloadStep {
+    id: u32,
+    /// The process being replaced, if the instance was running.
+    old: Option<u32>,
+    old_signaled: bool,
 }
 
 /// A process group whose leader ended while other members lived on.
@@ -166,6 +223,8 @@ pub struct Supervisor {
     waiters: Vec<Waiter>,
     lingering: Vec<Lingering>,
     linger_tick_pending: bool,
+    draining: Vec<Draining>,
+    reloads: Vec<Reload>,
     epoch: Instant,
     cpu: CpuSampler,
     shutting_down: bool,
@@ -193,6 +252,8 @@ impl Supervisor {
             waiters: Vec::new(),
             lingering: Vec::new(),
             linger_tick_pending: false,
+            draining: Vec::new(),
+            reloads: Vec::new(),
             epoch: Instant::now(),
             cpu: CpuSampler::default(),
             shutting_down: false,
@@ -204,6 +265,7 @@ impl Supervisor {
         while let Some(event) = events.recv().await {
             self.handle(event);
             self.settle_waiters();
+            self.advance_reloads();
         }
     }
 
@@ -237,6 +299,24 @@ impl Supervisor {
             }
             Event::KillTimer { id, pid } => self.kill_timer(id, pid),
             Event::LingerTick => self.linger_tick(),
+            Event::Worker { pid, message } => self.worker_message(pid, message),
+            Event::ChannelFault { pid, problem } => {
+                self.end_worker(pid, format!("broke its channel protocol ({problem})"));
+            }
+            Event::ListenTimeout { id, pid } => {
+                let timeout = self
+                    .locate(id)
+                    .map_or(0, |(a, _)| self.apps[a].spec.listen_timeout_ms);
+                if let Some(inst) = self.instance_mut(id)
+                    && inst.status == Status::Starting
+                    && inst.process.as_ref().is_some_and(|p| p.pid == pid)
+                {
+                    self.end_worker(
+                        pid,
+                        format!("did not say it is ready within its listen timeout ({timeout}ms)"),
+                    );
+                }
+            }
         }
     }
 
@@ -280,6 +360,10 @@ impl Supervisor {
                 }
                 Err(response) => response,
             },
+            Request::Reload { target } => {
+                self.reload(&target, reply);
+                return;
+            }
             Request::Delete { target } => match self.resolve(&target) {
                 Ok(ids) => {
                     for &id in &ids {
@@ -438,14 +522,32 @@ impl Supervisor {
                 );
             }
         }
+        // Every address of every app first: a failure starts nothing.
+        let mut bound = Vec::new();
+        for spec in &specs {
+            match spec.listen.iter().map(|a| listeners::bind(a)).collect() {
+                Ok(listeners) => bound.push(listeners),
+                Err(message) => {
+                    return error(
+                        ErrorKind::InvalidSpec,
+                        format!("app '{}': {message}", spec.name),
+                    );
+                }
+            }
+        }
         let mut started = Vec::new();
-        for spec in specs {
-            started.extend(self.add_app(spec, base_env.clone()));
+        for (spec, listeners) in specs.into_iter().zip(bound) {
+            started.extend(self.add_app(spec, base_env.clone(), listeners));
         }
         self.report(&started)
     }
 
-    fn add_app(&mut self, spec: AppSpec, base_env: BTreeMap<String, String>) -> Vec<u32> {
+    fn add_app(
+        &mut self,
+        spec: AppSpec,
+        base_env: BTreeMap<String, String>,
+        listeners: Vec<Listener>,
+    ) -> Vec<u32> {
         crate::log!(
             "starting app '{}': {} instance(s) of {}",
             spec.name,
@@ -453,10 +555,14 @@ impl Supervisor {
             spec.script.display()
         );
         let count = spec.instances;
+        for listener in &listeners {
+            crate::log!("app '{}' listens on {}", spec.name, listener.resolved);
+        }
         self.apps.push(App {
             spec,
             base_env,
             instances: Vec::new(),
+            listeners,
         });
         let app = self.apps.len() - 1;
         (0..count)
@@ -655,11 +761,14 @@ impl Supervisor {
         }
         let mut started = Vec::new();
         for spec in missing {
-            if let Err(message) = validate(&spec) {
-                crate::log!("resurrect: skipping app '{}': {message}", spec.name);
-                continue;
+            let bound: Result<Vec<Listener>, String> = match validate(&spec) {
+                Ok(()) => spec.listen.iter().map(|a| listeners::bind(a)).collect(),
+                Err(message) => Err(message),
+            };
+            match bound {
+                Ok(listeners) => started.extend(self.add_app(spec, base_env.clone(), listeners)),
+                Err(message) => crate::log!("resurrect: skipping app '{}': {message}", spec.name),
             }
-            started.extend(self.add_app(spec, base_env.clone()));
         }
         self.report(&started)
     }
@@ -717,7 +826,22 @@ impl Supervisor {
             None => (spec.script.clone().into_os_string(), Vec::new()),
         };
         args.extend(spec.args.iter().cloned());
-        let mut command = std::process::Command::new(&program);
+        // The channel to the master, and in shared mode the listening sockets, at fixed numbers:
+        // listeners from 3 (systemd's convention), the channel right after them.
+        let listen_fds: Vec<_> = match spec.lb {
+            corral_proto::LbMode::Shared => app.listeners.iter().map(|l| l.fd.as_fd()).collect(),
+        };
+        let channel = corral_sys::fd::stream_pair();
+        let mut command = if listen_fds.is_empty() {
+            std::process::Command::new(&program)
+        } else {
+            // LISTEN_PID must be the program's own pid, unknown before the fork: a tiny exec
+            // shim (this binary) sets it and execs the program with the same pid.
+            let mut shim = std::process::Command::new("/proc/self/exe");
+            shim.arg(ACTIVATE_SHIM).arg(&program);
+            shim
+        };
+        let channel_fd = 3 + listen_fds.len() as i32;
         command
             .args(&args)
             .current_dir(&spec.cwd)
@@ -728,11 +852,38 @@ impl Supervisor {
             .env(env::CORRAL_INSTANCE, inst.index.to_string())
             .env(env::CORRAL_ID, id.to_string())
             .env(env::NODE_APP_INSTANCE, inst.index.to_string())
+            .env(env::CORRAL_WORKER_ID, id.to_string())
+            .env(env::CORRAL_CHANNEL_FD, channel_fd.to_string())
+            .env(
+                env::CORRAL_CHANNEL_PROTOCOL,
+                CHANNEL_PROTOCOL_VERSION.to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        let spawned = command.spawn();
+        if !listen_fds.is_empty() {
+            let names: Vec<String> = (0..listen_fds.len())
+                .map(|n| format!("listen{n}"))
+                .collect();
+            command
+                .env(env::LISTEN_FDS, listen_fds.len().to_string())
+                .env(env::LISTEN_FDNAMES, names.join(":"));
+        }
+        let spawned = channel.and_then(|(master_end, worker_end)| {
+            let mut placed: Vec<_> = listen_fds
+                .iter()
+                .enumerate()
+                .map(|(n, fd)| (*fd, 3 + n as i32))
+                .collect();
+            placed.push((worker_end.as_fd(), channel_fd));
+            corral_sys::fd::place_fds(&mut command, &placed)?;
+            let child = command.spawn()?;
+            Ok((child, master_end))
+        });
+        drop(command);
+        let wait_ready = spec.wait_ready;
+        let listen_timeout = Duration::from_millis(spec.listen_timeout_ms);
         let timestamps = spec.time;
         let min_uptime = Duration::from_millis(spec.min_uptime_ms);
         let policy = app.policy();
@@ -742,8 +893,14 @@ impl Supervisor {
         let inst = &mut self.apps[a].instances[i];
         inst.token += 1;
         match spawned {
-            Ok(mut child) => {
+            Ok((mut child, channel)) => {
                 let pid = child.id();
+                match crate::channel::open(channel) {
+                    Ok(stream) => {
+                        tokio::spawn(crate::channel::read(stream, pid, self.events.clone()));
+                    }
+                    Err(e) => crate::log!("cannot read the channel of pid {pid}: {e}"),
+                }
                 for (pipe, sink) in [
                     (child.stdout.take().map(OwnedFd::from), inst.out.clone()),
                     (child.stderr.take().map(OwnedFd::from), inst.err.clone()),
@@ -762,10 +919,14 @@ impl Supervisor {
                     pid,
                     started: Instant::now(),
                     stop_sent: false,
+                    reason: None,
                 });
                 inst.tracker.on_spawn(now);
                 inst.want_running = true;
-                if min_uptime.is_zero() {
+                if wait_ready {
+                    inst.status = Status::Starting;
+                    self.after(listen_timeout, Event::ListenTimeout { id, pid });
+                } else if min_uptime.is_zero() {
                     inst.status = Status::Online;
                 } else {
                     inst.status = Status::Starting;
@@ -806,6 +967,17 @@ impl Supervisor {
         };
         let stop_signal = self.apps[a].spec.stop_signal;
         let kill_timeout = Duration::from_millis(self.apps[a].spec.kill_timeout_ms);
+        let mut timers = Vec::new();
+        for draining in self.draining.iter_mut().filter(|d| d.id == id) {
+            if !draining.process.stop_sent {
+                draining.process.stop_sent = true;
+                let _ = corral_sys::kill_group(draining.process.pid, stop_signal);
+                timers.push(draining.process.pid);
+            }
+        }
+        for pid in timers {
+            self.after(kill_timeout, Event::KillTimer { id, pid });
+        }
         let inst = &mut self.apps[a].instances[i];
         inst.want_running = false;
         inst.token += 1;
@@ -830,6 +1002,13 @@ impl Supervisor {
     }
 
     fn kill_timer(&mut self, id: u32, pid: u32) {
+        if self.draining.iter().any(|d| d.process.pid == pid) {
+            crate::log!(
+                "draining pid {pid} of instance {id} did not exit within its kill timeout: sending SIGKILL to its process group"
+            );
+            let _ = corral_sys::kill_group(pid, 9);
+            return;
+        }
         let Some(inst) = self.instance_mut(id) else {
             return;
         };
@@ -848,7 +1027,28 @@ impl Supervisor {
                 .position(|inst| inst.process.as_ref().is_some_and(|p| p.pid == pid))
                 .map(|i| (a, i))
         }) else {
-            // An adopted orphan, or a leftover of a group: reaped, nothing more to do.
+            if let Some(n) = self.draining.iter().position(|d| d.process.pid == pid) {
+                let draining = self.draining.swap_remove(n);
+                let (signal, kill_timeout) = self.locate(draining.id).map_or((15, 0), |(a, _)| {
+                    (
+                        self.apps[a].spec.stop_signal,
+                        self.apps[a].spec.kill_timeout_ms,
+                    )
+                });
+                crate::log!(
+                    "draining pid {pid} of instance {} {}",
+                    draining.id,
+                    describe_exit(exit)
+                );
+                self.reap_group(
+                    pid,
+                    draining.id,
+                    draining.process.stop_sent,
+                    signal,
+                    Duration::from_millis(kill_timeout),
+                );
+            }
+            // Otherwise an adopted orphan, or a leftover of a group: reaped, nothing more to do.
             return;
         };
         let app = &mut self.apps[a];
@@ -860,7 +1060,10 @@ impl Supervisor {
         let inst = &mut app.instances[i];
         let id = inst.id;
         let process = inst.process.take().expect("found by its process");
-        let how = describe_exit(exit);
+        let how = match &process.reason {
+            Some(reason) => format!("{reason}; {}", describe_exit(exit)),
+            None => describe_exit(exit),
+        };
         inst.last_exit = Some(how.clone());
         let cause = if inst.want_running {
             ExitCause::Unexpected
@@ -873,20 +1076,299 @@ impl Supervisor {
             process.started.elapsed().as_secs_f64()
         );
         let decision = inst.tracker.on_exit(&policy, now, cause);
-        // The leader is gone; whatever is left of its group goes too (as systemd does).
-        if stats::group_has_live_members(pid) {
-            if !process.stop_sent {
-                let _ = corral_sys::kill_group(pid, stop_signal);
+        self.reap_group(pid, id, process.stop_sent, stop_signal, kill_timeout);
+        self.apply(id, decision);
+    }
+
+    /// The leader of group `pgid` is gone; whatever is left of its group goes too (as systemd
+    /// does): the stop signal unless it had it already, SIGKILL after the kill timeout.
+    fn reap_group(
+        &mut self,
+        pgid: u32,
+        id: u32,
+        signaled: bool,
+        signal: i32,
+        kill_timeout: Duration,
+    ) {
+        if stats::group_has_live_members(pgid) {
+            if !signaled {
+                let _ = corral_sys::kill_group(pgid, signal);
             }
             self.lingering.push(Lingering {
-                pgid: pid,
+                pgid,
                 instance: id,
                 kill_at: Instant::now() + kill_timeout,
                 killed: false,
             });
             self.schedule_linger_tick();
         }
-        self.apply(id, decision);
+    }
+
+    /// Finds the instance whose current process is `pid`.
+    fn by_pid(&self, pid: u32) -> Option<(usize, usize)> {
+        self.apps.iter().enumerate().find_map(|(a, app)| {
+            app.instances
+                .iter()
+                .position(|inst| inst.process.as_ref().is_some_and(|p| p.pid == pid))
+                .map(|i| (a, i))
+        })
+    }
+
+    /// Ends a worker the daemon gave up on (not ready in time, broke its channel): its group gets
+    /// the stop signal, then SIGKILL; its exit then counts as a crash, restarted by the policy.
+    fn end_worker(&mut self, pid: u32, reason: String) {
+        let Some((a, i)) = self.by_pid(pid) else {
+            return;
+        };
+        let name = self.apps[a].spec.name.clone();
+        let stop_signal = self.apps[a].spec.stop_signal;
+        let kill_timeout = Duration::from_millis(self.apps[a].spec.kill_timeout_ms);
+        let inst = &mut self.apps[a].instances[i];
+        let id = inst.id;
+        crate::log!(
+            "app '{name}' instance {} (pid {pid}) {reason}: restarting it",
+            inst.index
+        );
+        let process = inst.process.as_mut().expect("found by its process");
+        process.reason = Some(reason);
+        if !process.stop_sent {
+            process.stop_sent = true;
+            let _ = corral_sys::kill_group(pid, stop_signal);
+            self.after(kill_timeout, Event::KillTimer { id, pid });
+        }
+    }
+
+    fn worker_message(&mut self, pid: u32, message: WorkerMessage) {
+        let Some((a, i)) = self.by_pid(pid) else {
+            return;
+        };
+        let name = self.apps[a].spec.name.clone();
+        let policy = self.apps[a].policy();
+        let kill_timeout = Duration::from_millis(self.apps[a].spec.kill_timeout_ms);
+        let now = self.epoch.elapsed();
+        let inst = &mut self.apps[a].instances[i];
+        let id = inst.id;
+        match message {
+            WorkerMessage::Ready => {
+                if inst.status == Status::Starting {
+                    inst.status = Status::Online;
+                }
+            }
+            WorkerMessage::Message { data } => {
+                crate::log!("app '{name}' instance {} says: {data}", inst.index);
+            }
+            WorkerMessage::GoingDown { reason } => {
+                // The seed's graceful restart: the replacement starts now, the old process
+                // finishes its work and exits on its own (SIGKILL after the kill timeout). Its
+                // going down counts as a crash, so a worker that dies at every start still ends
+                // errored.
+                crate::log!(
+                    "app '{name}' instance {} (pid {pid}) is going down ({reason}): starting its replacement",
+                    inst.index
+                );
+                let process = inst.process.take().expect("found by its process");
+                inst.last_exit = Some(format!("said it was going down: {reason}"));
+                let decision = if inst.want_running {
+                    inst.tracker.on_exit(&policy, now, ExitCause::Unexpected)
+                } else {
+                    Decision::Stay
+                };
+                self.draining.push(Draining { id, process });
+                self.after(kill_timeout, Event::KillTimer { id, pid });
+                self.apply(id, decision);
+            }
+        }
+    }
+
+    fn reload(&mut self, target: &str, reply: oneshot::Sender<Response>) {
+        let names: Vec<String> = if target == "all" {
+            self.apps.iter().map(|a| a.spec.name.clone()).collect()
+        } else if self.apps.iter().any(|a| a.spec.name == target) {
+            vec![target.to_string()]
+        } else {
+            let _ = reply.send(self.unknown_app(target));
+            return;
+        };
+        if let Some(busy) = names
+            .iter()
+            .find(|n| self.reloads.iter().any(|r| &r.app == *n))
+        {
+            let _ = reply.send(error(
+                ErrorKind::InvalidSpec,
+                format!("'{busy}' is being reloaded already; wait for that reload to finish"),
+            ));
+            return;
+        }
+        if names.is_empty() {
+            let _ = reply.send(Response::Done {
+                message: "no app to reload".into(),
+            });
+            return;
+        }
+        // Apps are reloaded side by side; the answer goes with the last one to finish... kept
+        // simple: with the last app's reload.
+        let last = names.len() - 1;
+        let mut reply = Some(reply);
+        for (n, name) in names.into_iter().enumerate() {
+            let mut queue: Vec<(u32, u32)> = self
+                .apps
+                .iter()
+                .filter(|a| a.spec.name == name)
+                .flat_map(|a| a.instances.iter().map(|i| (i.index, i.id)))
+                .collect();
+            queue.sort_unstable();
+            crate::log!(
+                "reloading app '{name}': {} instance(s), one at a time",
+                queue.len()
+            );
+            self.reloads.push(Reload {
+                app: name,
+                queue: queue.into_iter().map(|(_, id)| id).collect(),
+                step: None,
+                reply: if n == last { reply.take() } else { None },
+            });
+        }
+    }
+
+    /// Moves every reload as far as it can go now.
+    fn advance_reloads(&mut self) {
+        let mut n = 0;
+        while n < self.reloads.len() {
+            match self.advance_reload(n) {
+                Some(response) => {
+                    let reload = self.reloads.remove(n);
+                    if let Some(reply) = reload.reply {
+                        let _ = reply.send(response);
+                    }
+                }
+                None => n += 1,
+            }
+        }
+    }
+
+    /// One reload's next steps; its final answer once it is over.
+    fn advance_reload(&mut self, n: usize) -> Option<Response> {
+        loop {
+            let Some(step) = self.reloads[n].step else {
+                let Some(id) = self.reloads[n].queue.pop_front() else {
+                    let ids = self.app_ids(&self.reloads[n].app);
+                    return Some(self.report(&ids));
+                };
+                let Some(inst) = self.instance_mut(id) else {
+                    continue;
+                };
+                inst.tracker.reset();
+                inst.token += 1;
+                let old = inst.process.take();
+                let old_pid = old.as_ref().map(|p| p.pid);
+                if let Some(process) = old {
+                    self.draining.push(Draining { id, process });
+                }
+                self.spawn(id);
+                self.reloads[n].step = Some(ReloadStep {
+                    id,
+                    old: old_pid,
+                    old_signaled: false,
+                });
+                continue;
+            };
+            let Some((a, i)) = self.locate(step.id) else {
+                self.reloads[n].step = None;
+                continue;
+            };
+            let status = self.apps[a].instances[i].status;
+            if !step.old_signaled {
+                match status {
+                    Status::Starting => return None,
+                    Status::Online => {
+                        if let Some(old) = step.old {
+                            self.retire(step.id, old);
+                        }
+                        self.reloads[n].step = Some(ReloadStep {
+                            old_signaled: true,
+                            ..step
+                        });
+                        continue;
+                    }
+                    _ => return Some(self.roll_back(n, step)),
+                }
+            }
+            let old_gone = step.old.is_none_or(|old| {
+                !self.draining.iter().any(|d| d.process.pid == old)
+                    && !self.lingering.iter().any(|l| l.pgid == old)
+            });
+            if !old_gone {
+                return None;
+            }
+            self.reloads[n].step = None;
+        }
+    }
+
+    /// Stops a replaced process: the stop signal to its group, SIGKILL after the kill timeout.
+    fn retire(&mut self, id: u32, pid: u32) {
+        let Some((a, _)) = self.locate(id) else {
+            return;
+        };
+        let stop_signal = self.apps[a].spec.stop_signal;
+        let kill_timeout = Duration::from_millis(self.apps[a].spec.kill_timeout_ms);
+        if let Some(draining) = self.draining.iter_mut().find(|d| d.process.pid == pid) {
+            draining.process.stop_sent = true;
+            let _ = corral_sys::kill_group(pid, stop_signal);
+            self.after(kill_timeout, Event::KillTimer { id, pid });
+        }
+    }
+
+    /// The new process of a reload step failed: the old one (still running, never signaled)
+    /// serves again, the rest of the reload is called off, and the answer says why.
+    fn roll_back(&mut self, n: usize, step: ReloadStep) -> Response {
+        let app = self.reloads[n].app.clone();
+        self.reloads[n].queue.clear();
+        let Some((a, i)) = self.locate(step.id) else {
+            return error(
+                ErrorKind::Spawn,
+                format!("reload of '{app}' stopped: an instance was deleted meanwhile"),
+            );
+        };
+        let index = self.apps[a].instances[i].index;
+        let why = self.apps[a].instances[i]
+            .last_exit
+            .clone()
+            .unwrap_or_else(|| "failed".into());
+        // Unless the user stopped the instance meanwhile (then the old process goes too).
+        let wanted = self.apps[a].instances[i].want_running;
+        let restored = step.old.filter(|_| wanted).and_then(|old| {
+            let k = self.draining.iter().position(|d| d.process.pid == old)?;
+            Some(self.draining.swap_remove(k).process)
+        });
+        let inst = &mut self.apps[a].instances[i];
+        // Cancel the new process's pending restart; if it is still up, it goes.
+        inst.token += 1;
+        let failed = inst.process.take();
+        let kept = restored.is_some();
+        if let Some(process) = restored {
+            inst.process = Some(process);
+            inst.status = Status::Online;
+            inst.want_running = true;
+        }
+        if let Some(process) = failed {
+            let _ = corral_sys::kill_group(process.pid, 9);
+            self.draining.push(Draining {
+                id: step.id,
+                process,
+            });
+        }
+        crate::log!("reload of app '{app}' stopped at instance {index}: {why}");
+        let outcome = if kept {
+            "The old processes keep serving: fix the cause (`corral logs` shows it) and reload again"
+        } else {
+            "That instance was not running before the reload either"
+        };
+        error(
+            ErrorKind::Spawn,
+            format!(
+                "reload of '{app}' stopped at instance {index}: its new process {why}. {outcome}"
+            ),
+        )
     }
 
     fn apply(&mut self, id: u32, decision: Decision) {
@@ -961,6 +1443,7 @@ impl Supervisor {
             None => true,
             Some((a, i)) => {
                 self.apps[a].instances[i].process.is_none()
+                    && !self.draining.iter().any(|d| d.id == id)
                     && !self.lingering.iter().any(|l| l.instance == id)
             }
         }
@@ -1012,7 +1495,24 @@ impl Supervisor {
     // ---- reporting ----
 
     fn report(&mut self, ids: &[u32]) -> Response {
-        let instances = ids.iter().filter_map(|&id| self.info(id)).collect();
+        let mut instances: Vec<InstanceInfo> = ids.iter().filter_map(|&id| self.info(id)).collect();
+        let draining: Vec<(u32, u32, Duration)> = self
+            .draining
+            .iter()
+            .filter(|d| ids.contains(&d.id))
+            .map(|d| (d.id, d.process.pid, d.process.started.elapsed()))
+            .collect();
+        for (id, pid, uptime) in draining {
+            if let Some(mut row) = instances.iter().find(|i| i.id == id).cloned() {
+                row.pid = Some(pid);
+                row.status = Status::Draining;
+                row.uptime_ms = Some(uptime.as_millis() as u64);
+                row.cpu_percent = self.cpu.percent(pid, uptime);
+                row.memory_bytes = stats::resident_bytes(pid).unwrap_or(0);
+                row.last_exit = None;
+                instances.push(row);
+            }
+        }
         let live: Vec<u32> = self
             .apps
             .iter()
@@ -1021,6 +1521,7 @@ impl Supervisor {
                     .iter()
                     .filter_map(|i| i.process.as_ref().map(|p| p.pid))
             })
+            .chain(self.draining.iter().map(|d| d.process.pid))
             .collect();
         self.cpu.retain(|pid| live.contains(&pid));
         Response::Instances { instances }
@@ -1054,6 +1555,7 @@ impl Supervisor {
             cpu_percent,
             memory_bytes,
             last_exit: inst.last_exit.clone(),
+            listen: app.listeners.iter().map(|l| l.resolved.clone()).collect(),
         })
     }
 }
@@ -1102,6 +1604,9 @@ pub fn validate(spec: &AppSpec) -> Result<(), String> {
             "{} instances: give 1 to {MAX_INSTANCES}",
             spec.instances
         ));
+    }
+    for address in &spec.listen {
+        listeners::parse(address)?;
     }
     if Signal::parse(&spec.stop_signal.to_string()).is_none() {
         return Err(format!("{} is not a signal number", spec.stop_signal));

@@ -20,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+pub mod channel;
 pub mod env;
 pub mod frame;
 pub mod message;

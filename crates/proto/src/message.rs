@@ -56,6 +56,11 @@ pub enum Request {
         /// `all`, an app name or an instance id.
         target: String,
     },
+    /// Replace every instance one at a time, each new one ready before its old one stops.
+    Reload {
+        /// `all` or an app name.
+        target: String,
+    },
     /// Stop instances and forget them.
     Delete {
         /// `all`, an app name or an instance id.
@@ -268,6 +273,36 @@ pub struct AppSpec {
     /// Rotated files kept per log.
     #[serde(default = "defaults::log_keep")]
     pub log_keep: u32,
+    /// Addresses the master listens on for the app: `127.0.0.1:8080`, `[::1]:0`, `unix:/path`.
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// How connections reach the workers.
+    #[serde(default)]
+    pub lb: LbMode,
+    /// Only a `ready` message (not `min_uptime`) makes a worker ready.
+    #[serde(default)]
+    pub wait_ready: bool,
+    /// With `wait_ready`: how long a worker may take to say `ready` before it counts as failed.
+    #[serde(default = "defaults::listen_timeout_ms")]
+    pub listen_timeout_ms: u64,
+}
+
+/// How an app's listening sockets reach its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LbMode {
+    /// Every worker gets the listening sockets themselves (systemd socket activation:
+    /// `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, descriptors from 3) and accepts on its own.
+    #[default]
+    Shared,
+}
+
+impl fmt::Display for LbMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LbMode::Shared => "shared",
+        })
+    }
 }
 
 /// Default values of [`AppSpec`] fields.
@@ -304,6 +339,10 @@ pub mod defaults {
     pub fn log_keep() -> u32 {
         5
     }
+    /// Three seconds, as PM2.
+    pub fn listen_timeout_ms() -> u64 {
+        3000
+    }
 }
 
 impl AppSpec {
@@ -328,6 +367,10 @@ impl AppSpec {
             time: false,
             log_max_size: defaults::log_max_size(),
             log_keep: defaults::log_keep(),
+            listen: Vec::new(),
+            lb: LbMode::Shared,
+            wait_ready: false,
+            listen_timeout_ms: defaults::listen_timeout_ms(),
         }
     }
 }
@@ -350,6 +393,9 @@ pub enum Status {
     Starting,
     /// Running and ready.
     Online,
+    /// Replaced (by a reload, or because it said it is going down): finishing its work, about to
+    /// be stopped; gone from the list once it exits.
+    Draining,
     /// Asked to stop; its process group is not gone yet.
     Stopping,
     /// Not running, by request (or autorestart is off).
@@ -365,6 +411,7 @@ impl fmt::Display for Status {
         f.write_str(match self {
             Status::Starting => "starting",
             Status::Online => "online",
+            Status::Draining => "draining",
             Status::Stopping => "stopping",
             Status::Stopped => "stopped",
             Status::BackingOff => "backing-off",
@@ -398,6 +445,9 @@ pub struct InstanceInfo {
     pub memory_bytes: u64,
     /// How the previous process ended, or why the instance is errored.
     pub last_exit: Option<String>,
+    /// The app's listening addresses, with the ports the kernel chose for port 0.
+    #[serde(default)]
+    pub listen: Vec<String>,
 }
 
 /// Everything about one app, for `describe`.

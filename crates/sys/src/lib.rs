@@ -7,6 +7,8 @@
 
 #![warn(missing_docs)]
 
+pub mod fd;
+
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
