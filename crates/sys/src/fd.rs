@@ -90,6 +90,38 @@ pub fn recv_with_fds(
     Ok(message.bytes)
 }
 
+/// Takes ownership of descriptor `raw`, inherited from the parent (socket activation, the
+/// channel to the master), after checking that it is open; marks it close-on-exec so the
+/// program's own children do not inherit it.
+///
+/// The caller must take each number at most once and must not use it otherwise: the returned
+/// [`OwnedFd`] closes it when dropped. `corral-worker` guards this with a once-only cell.
+pub fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    if raw < 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {raw} is stdin, stdout or stderr"),
+        ));
+    }
+    // SAFETY: `fcntl(F_GETFD)` only reads the descriptor's flags; it fails with EBADF, harming
+    // nothing, when the number is not open.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+    if flags == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the number is open (checked above), and by this function's contract nothing else
+    // in the process owns it, so the `OwnedFd` may close it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(fd)
+}
+
+/// Whether `fd` is a Unix-domain socket (otherwise, for a listener, TCP or UDP over IP).
+pub fn is_unix_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(rustix::net::getsockname(fd)?.address_family() == AddressFamily::UNIX)
+}
+
 /// Makes `fd` blocking or not.
 pub fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<()> {
     Ok(rustix::io::ioctl_fionbio(fd, nonblocking)?)

@@ -1,16 +1,47 @@
-//! The library a program links to cooperate with corral.
+//! The library a program links to cooperate with corral. Every function also works when the
+//! program runs on its own, outside corral, so the same binary runs either way.
 //!
-//! It owns the worker's side of the environment contract of `corral-proto`. Today that is who the
-//! program is ([`app`], [`instance`]); the IPC channel, readiness, incoming connections and shared
-//! state arrive with cluster mode.
+//! It owns the worker's side of the contract in `corral-proto` and `docs/protocol.md`: the
+//! environment corral sets, the inherited listening sockets (systemd socket activation), and the
+//! channel to the master. It knows nothing of HTTP or of any async runtime: the sockets it hands
+//! out are std ones, ready for `tokio::net::TcpListener::from_std` or any server library.
+//!
+//! ```no_run
+//! // Listen where corral says (shared mode), or on 127.0.0.1:8080 when run alone.
+//! let listener = corral_worker::tcp_listener_or_bind("127.0.0.1:8080")?;
+//! corral_worker::install_panic_hook();
+//! corral_worker::ready()?;
+//! for stream in listener.incoming() {
+//!     // serve it
+//! #   drop(stream);
+//! }
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! # How it works
+//! corral puts the listening sockets at descriptors 3.. (`LISTEN_FDS`, `LISTEN_PID`) and the
+//! channel right after them (`CORRAL_CHANNEL_FD`). [`listeners`] and the channel functions take
+//! each descriptor once, on first use. Messages are frames: a 4-byte big-endian length, then
+//! JSON.
 
 #![warn(missing_docs)]
 
+use std::io::{self, Write};
+use std::net::TcpListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use corral_proto::channel::WorkerMessage;
 use corral_proto::env;
 
 /// Whether this program was started by corral.
-pub fn is_managed() -> bool {
-    std::env::var_os(env::CORRAL_APP).is_some()
+pub fn is_worker() -> bool {
+    std::env::var_os(env::CORRAL_WORKER_ID).is_some()
+}
+
+/// This worker's instance id (the `id` column of `corral ls`), when started by corral.
+pub fn worker_id() -> Option<u32> {
+    std::env::var(env::CORRAL_WORKER_ID).ok()?.parse().ok()
 }
 
 /// The name of the app this program runs as, when started by corral.
@@ -21,4 +52,137 @@ pub fn app() -> Option<String> {
 /// The index of this instance within its app (`0..instances`), when started by corral.
 pub fn instance() -> Option<u32> {
     std::env::var(env::CORRAL_INSTANCE).ok()?.parse().ok()
+}
+
+/// A listening socket inherited from corral.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP socket.
+    Tcp(TcpListener),
+    /// A Unix-domain socket.
+    Unix(UnixListener),
+}
+
+static LISTENERS: OnceLock<Mutex<Option<Vec<Listener>>>> = OnceLock::new();
+
+/// The listening sockets corral passed this process (systemd socket activation), in the order
+/// of the app's `--listen` addresses. The first call takes them; later calls return an empty
+/// list. Empty when not run by corral in shared mode.
+pub fn listeners() -> io::Result<Vec<Listener>> {
+    let cell = LISTENERS.get_or_init(|| Mutex::new(None));
+    let mut taken = cell.lock().unwrap_or_else(PoisonError::into_inner);
+    if taken.is_some() {
+        return Ok(Vec::new());
+    }
+    *taken = Some(Vec::new());
+    let for_us = std::env::var(env::LISTEN_PID)
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count: i32 = match std::env::var(env::LISTEN_FDS)
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        Some(n) if for_us => n,
+        _ => return Ok(Vec::new()),
+    };
+    let mut found = Vec::new();
+    for raw in 3..3 + count {
+        let fd = corral_sys::fd::take_inherited_fd(raw)?;
+        found.push(
+            if corral_sys::fd::is_unix_socket(std::os::fd::AsFd::as_fd(&fd))? {
+                Listener::Unix(UnixListener::from(fd))
+            } else {
+                Listener::Tcp(TcpListener::from(fd))
+            },
+        );
+    }
+    Ok(found)
+}
+
+/// The first TCP socket corral passed this process, or, when there is none (the program runs
+/// on its own), a new one bound to `fallback`.
+pub fn tcp_listener_or_bind(fallback: &str) -> io::Result<TcpListener> {
+    let inherited = listeners()?.into_iter().find_map(|l| match l {
+        Listener::Tcp(tcp) => Some(tcp),
+        Listener::Unix(_) => None,
+    });
+    match inherited {
+        Some(listener) => Ok(listener),
+        None => TcpListener::bind(fallback),
+    }
+}
+
+static CHANNEL: OnceLock<Option<Mutex<UnixStream>>> = OnceLock::new();
+
+fn channel() -> Option<&'static Mutex<UnixStream>> {
+    CHANNEL
+        .get_or_init(|| {
+            let raw: i32 = std::env::var(env::CORRAL_CHANNEL_FD).ok()?.parse().ok()?;
+            let fd = corral_sys::fd::take_inherited_fd(raw).ok()?;
+            Some(Mutex::new(UnixStream::from(fd)))
+        })
+        .as_ref()
+}
+
+fn send_message(message: &WorkerMessage) -> io::Result<()> {
+    let Some(channel) = channel() else {
+        return Ok(());
+    };
+    let frame = corral_proto::frame::encode(message).map_err(io::Error::other)?;
+    let mut stream = channel.lock().unwrap_or_else(PoisonError::into_inner);
+    stream.write_all(&frame)
+}
+
+/// Tells corral this worker is ready for work (with `--wait-ready`, the only thing that makes
+/// it ready). Does nothing outside corral.
+pub fn ready() -> io::Result<()> {
+    send_message(&WorkerMessage::Ready)
+}
+
+/// Tells corral this worker is about to exit: corral starts its replacement at once and lets
+/// this one finish its open work (SIGKILL after the app's kill timeout).
+pub fn going_down(reason: &str) -> io::Result<()> {
+    send_message(&WorkerMessage::GoingDown {
+        reason: reason.to_string(),
+    })
+}
+
+/// Sends any JSON value to the master (it appears in the daemon's log).
+pub fn send(data: serde_json::Value) -> io::Result<()> {
+    send_message(&WorkerMessage::Message { data })
+}
+
+/// Makes a panic send a going-down notice (with the panic message) before the usual panic
+/// output, so corral starts the replacement while this process unwinds.
+pub fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let _ = going_down(&format!("panic: {info}"));
+        previous(info);
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    // Tests run outside corral (unless someone runs `cargo test` under corral, which these
+    // tests would then see; they check only what holds either way for this process).
+
+    #[test]
+    fn outside_corral_everything_is_a_harmless_no_op() {
+        if super::is_worker() {
+            return;
+        }
+        assert_eq!(super::worker_id(), None);
+        assert!(super::ready().is_ok());
+        assert!(super::going_down("test").is_ok());
+        assert!(super::send(serde_json::json!({"a": 1})).is_ok());
+        assert!(super::listeners().unwrap().is_empty());
+    }
+
+    #[test]
+    fn without_inherited_sockets_it_binds_the_fallback() {
+        let listener = super::tcp_listener_or_bind("127.0.0.1:0").unwrap();
+        assert!(listener.local_addr().unwrap().port() > 0);
+    }
 }
