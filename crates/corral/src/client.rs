@@ -178,8 +178,14 @@ enum Spawned {
     Locked,
 }
 
+/// `daemon.log` is moved to `daemon.log.1` when a daemon starts and finds it over this size.
+const DAEMON_LOG_MAX: u64 = 10 * 1024 * 1024;
+
 fn spawn_daemon(home: &Home) -> Result<Spawned> {
     let log_path = home.daemon_log();
+    if std::fs::metadata(&log_path).is_ok_and(|m| m.len() > DAEMON_LOG_MAX) {
+        let _ = std::fs::rename(&log_path, log_path.with_extension("log.1"));
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

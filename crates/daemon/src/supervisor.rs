@@ -1051,13 +1051,25 @@ impl Supervisor {
             // Otherwise an adopted orphan, or a leftover of a group: reaped, nothing more to do.
             return;
         };
+        // The new process of a reload step ended before it was ready: no restart, the reload
+        // rolls back to the old process (restarting it could go on for ever when the exits are
+        // not quick enough to make a crash loop).
+        let in_reload = self.reloads.iter().any(|r| {
+            r.step
+                .is_some_and(|s| !s.old_signaled && self.apps[a].instances[i].id == s.id)
+        });
         let app = &mut self.apps[a];
-        let policy = app.policy();
+        let mut policy = app.policy();
         let stop_signal = app.spec.stop_signal;
         let kill_timeout = Duration::from_millis(app.spec.kill_timeout_ms);
         let name = app.spec.name.clone();
         let now = self.epoch.elapsed();
         let inst = &mut app.instances[i];
+        if app.spec.wait_ready && inst.status == Status::Starting {
+            // It never said it is ready, so it never started: its exit is unstable however long
+            // it took (a listen timeout longer than min_uptime must not hide a crash loop).
+            policy.min_uptime = Duration::MAX;
+        }
         let id = inst.id;
         let process = inst.process.take().expect("found by its process");
         let how = match &process.reason {
@@ -1075,6 +1087,11 @@ impl Supervisor {
             inst.index,
             process.started.elapsed().as_secs_f64()
         );
+        if in_reload && cause == ExitCause::Unexpected {
+            inst.status = Status::Errored;
+            self.reap_group(pid, id, process.stop_sent, stop_signal, kill_timeout);
+            return;
+        }
         let decision = inst.tracker.on_exit(&policy, now, cause);
         self.reap_group(pid, id, process.stop_sent, stop_signal, kill_timeout);
         self.apply(id, decision);
@@ -1126,7 +1143,7 @@ impl Supervisor {
         let inst = &mut self.apps[a].instances[i];
         let id = inst.id;
         crate::log!(
-            "app '{name}' instance {} (pid {pid}) {reason}: restarting it",
+            "app '{name}' instance {} (pid {pid}) {reason}: ending it",
             inst.index
         );
         let process = inst.process.as_mut().expect("found by its process");
@@ -1346,6 +1363,15 @@ impl Supervisor {
         let failed = inst.process.take();
         let kept = restored.is_some();
         if let Some(process) = restored {
+            // The old process serves again: its own start time counts for min_uptime again, and
+            // the failure is what `describe` shows.
+            let started = self
+                .epoch
+                .elapsed()
+                .saturating_sub(process.started.elapsed());
+            inst.tracker.reset();
+            inst.tracker.on_spawn(started);
+            inst.last_exit = Some(format!("a reload failed: its new process {why}"));
             inst.process = Some(process);
             inst.status = Status::Online;
             inst.want_running = true;
@@ -1360,6 +1386,8 @@ impl Supervisor {
         crate::log!("reload of app '{app}' stopped at instance {index}: {why}");
         let outcome = if kept {
             "The old processes keep serving: fix the cause (`corral logs` shows it) and reload again"
+        } else if step.old.is_some() {
+            "Its old process had exited meanwhile, so that instance is down: fix the cause and run `corral restart`"
         } else {
             "That instance was not running before the reload either"
         };
