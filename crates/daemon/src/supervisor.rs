@@ -1021,12 +1021,7 @@ impl Supervisor {
     }
 
     fn reaped(&mut self, pid: u32, exit: ExitKind) {
-        let Some((a, i)) = self.apps.iter().enumerate().find_map(|(a, app)| {
-            app.instances
-                .iter()
-                .position(|inst| inst.process.as_ref().is_some_and(|p| p.pid == pid))
-                .map(|i| (a, i))
-        }) else {
+        let Some((a, i)) = self.by_pid(pid) else {
             if let Some(n) = self.draining.iter().position(|d| d.process.pid == pid) {
                 let draining = self.draining.swap_remove(n);
                 let (signal, kill_timeout) = self.locate(draining.id).map_or((15, 0), |(a, _)| {
