@@ -22,7 +22,8 @@ pub fn open(fd: OwnedFd) -> io::Result<UnixStream> {
 /// Reads a worker's messages until it closes its end or breaks the protocol.
 pub async fn read(stream: UnixStream, pid: u32, events: mpsc::UnboundedSender<Event>) {
     let mut pending: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
+    // Workers say little: a small buffer, so that idle workers cost the daemon little memory.
+    let mut chunk = vec![0u8; 4096];
     let problem = loop {
         if stream.readable().await.is_err() {
             return;

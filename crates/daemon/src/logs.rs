@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::unix::pipe::Receiver;
 use tokio::sync::watch;
 
 /// A line longer than this is cut into pieces of this size: the bound on what a pump holds.
@@ -234,14 +234,33 @@ fn open_append(path: &Path) -> io::Result<File> {
 
 /// Drains one pipe into `sink` until end of file: whole lines, an optional timestamp before each,
 /// the last line written with a newline even when the program left it without one.
-pub async fn pump<R: AsyncRead + Unpin>(mut pipe: R, sink: Arc<LogSink>, timestamps: bool) {
-    let mut buf = vec![0; READ_CHUNK];
+///
+/// The read buffer exists only while output flows: an idle program's pumps hold no buffer, so
+/// the daemon's memory does not grow with the number of quiet instances.
+pub async fn pump(pipe: Receiver, sink: Arc<LogSink>, timestamps: bool) {
+    let mut buf: Vec<u8> = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
     loop {
-        let n = match pipe.read(&mut buf).await {
+        if let Err(e) = pipe.readable().await {
+            crate::log!("reading output for {}: {e}", sink.path().display());
+            break;
+        }
+        if buf.is_empty() {
+            buf = vec![0; READ_CHUNK];
+        }
+        let n = match pipe.try_read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Drained: give the memory back until the program writes again.
+                buf = Vec::new();
+                out = Vec::new();
+                if pending.capacity() > 4096 {
+                    pending.shrink_to_fit();
+                }
+                continue;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 crate::log!("reading output for {}: {e}", sink.path().display());
@@ -560,7 +579,7 @@ mod tests {
     async fn pump_keeps_lines_whole_and_ends_the_last_one() {
         let dir = tempfile::tempdir().unwrap();
         let sink = sink_in(dir.path(), 0, 0);
-        let (mut tx, rx) = tokio::io::duplex(7);
+        let (mut tx, rx) = tokio::net::unix::pipe::pipe().unwrap();
         let writer = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             tx.write_all(b"first line\nsecond ").await.unwrap();
