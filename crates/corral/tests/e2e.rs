@@ -7,6 +7,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::Stdio;
 use std::sync::mpsc;
@@ -1228,4 +1229,38 @@ fn time_prefixes_each_line_and_interpreter_runs_the_script() {
         "{described}"
     );
     home.ok(&["delete", "stamped"]);
+}
+
+#[test]
+fn a_client_of_another_uid_is_refused_even_when_it_can_reach_the_socket() {
+    // Switching to another uid needs root; CI runs as root.
+    if corral_sys::effective_uid() != 0 {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let home = Home::new();
+    home.assert_daemon_answers();
+    // Open the way to the socket, as a careless chmod would: only the peer check is left.
+    let socket = home.path().join("corral.sock");
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // The CLI itself, run as nobody, with this home: it reaches the socket and is told why not.
+    // A copy in the (now open) home, since the build directory may be closed to other users.
+    let client = home.path().join("corral-client");
+    std::fs::copy(support::CORRAL, &client).unwrap();
+    std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&client)
+        .arg("ping")
+        .env("CORRAL_HOME", home.path());
+    let output = support::run(command);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refused") && stderr.contains("uid 65534 may not control it"),
+        "{stderr}"
+    );
+    home.assert_daemon_answers();
 }
