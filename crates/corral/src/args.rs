@@ -166,7 +166,9 @@ pub struct StartArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<String>,
     /// How connections reach workers: `shared` (each worker gets the listening sockets by
-    /// systemd socket activation and accepts on its own) [default: shared].
+    /// systemd socket activation and accepts on its own) or `proxy` (each worker listens on its
+    /// own loopback port, given in PORT, and the master relays connections round robin)
+    /// [default: shared].
     #[arg(long, value_name = "MODE")]
     pub lb: Option<String>,
     /// A worker is ready only when it says so (a `ready` message), not after --min-uptime.

@@ -86,8 +86,14 @@ impl Client {
             protocol: PROTOCOL_VERSION,
             version: PACKAGE_VERSION.into(),
         };
-        frame::write(&mut stream, &hello).context("sending the handshake to the daemon")?;
-        match frame::read::<_, HelloReply>(&mut stream) {
+        // A daemon that refuses a client (another uid) answers before reading anything and
+        // closes: the hello may then fail with EPIPE, but the answer is there to read.
+        let sent = frame::write(&mut stream, &hello);
+        let reply = frame::read::<_, HelloReply>(&mut stream);
+        if let (Err(e), Err(_)) = (&sent, &reply) {
+            return Err(anyhow!("sending the handshake to the daemon: {e}").into());
+        }
+        match reply {
             Ok(HelloReply::Welcome(welcome)) => {
                 if welcome.version != PACKAGE_VERSION {
                     eprintln!(

@@ -154,12 +154,13 @@ struct Raw {
     listen_timeout_ms: Option<u64>,
 }
 
-/// `shared` (the only mode so far).
+/// `shared` or `proxy`.
 pub fn parse_lb(text: &str) -> Result<LbMode, String> {
     match text.trim() {
         "shared" => Ok(LbMode::Shared),
+        "proxy" => Ok(LbMode::Proxy),
         other => Err(format!(
-            "'{other}' is not a load-balancing mode: use shared"
+            "'{other}' is not a load-balancing mode: use shared or proxy"
         )),
     }
 }

@@ -1114,3 +1114,191 @@ fn a_worker_never_ready_is_ended_after_its_listen_timeout_and_ends_errored() {
 fn a_worker_never_ready_is_a_crash_even_when_its_listen_timeout_exceeds_min_uptime() {
     never_ready_ends_errored("100ms");
 }
+
+// ---- proxy mode ----
+
+/// An HTTP server that knows only `PORT`: one request per connection, answered with its pid; on
+/// SIGTERM it stops accepting and finishes the requests it has.
+const PORT_WEB_PY: &str = r#"
+import http.server, os, signal, threading
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = str(os.getpid()).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+    def log_message(self, *args):
+        pass
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = False
+
+server = Server(("127.0.0.1", int(os.environ["PORT"])), Handler)
+signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=server.shutdown).start())
+print("serving pid=%d port=%s" % (os.getpid(), os.environ["PORT"]), flush=True)
+server.serve_forever()
+server.server_close()
+"#;
+
+fn start_proxied(home: &Home) -> (Vec<Value>, SocketAddr) {
+    let script = fixture(home, "port_web.py", PORT_WEB_PY);
+    home.ok(&[
+        "start",
+        arg(&script),
+        "-n",
+        "proxied",
+        "-i",
+        "2",
+        "--lb",
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--min-uptime",
+        "300ms",
+        "--kill-timeout",
+        "5s",
+    ]);
+    let list = home.wait_online("proxied", 2);
+    let addr = tcp_address(&list);
+    (list, addr)
+}
+
+#[test]
+fn proxy_mode_relays_round_robin_to_workers_on_their_own_ports() {
+    let home = Home::new();
+    let (list, addr) = start_proxied(&home);
+    let pids = pids_of(&list);
+    // Each worker was told its own port, which is not the app's.
+    for (i, pid) in pids.iter().enumerate() {
+        let log = home.wait_log("proxied", i as u32, "out", &format!("serving pid={pid}"));
+        assert!(!log.contains(&format!("port={}", addr.port())), "{log}");
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let pid = get(addr).expect("an answer through the proxy");
+        *answers.entry(pid).or_insert(0) += 1;
+    }
+    assert_eq!(answers.keys().copied().collect::<Vec<_>>(), {
+        let mut sorted = pids.clone();
+        sorted.sort_unstable();
+        sorted
+    });
+    // Round robin: within one of even.
+    assert!(
+        answers.values().all(|&n| (19..=21).contains(&n)),
+        "{answers:?}"
+    );
+    home.ok(&["delete", "proxied"]);
+    assert_groups_gone(&home.recorded_pgids());
+    assert!(
+        get(addr).is_err(),
+        "the proxy's address is closed with the app"
+    );
+}
+
+#[test]
+fn proxy_mode_reloads_under_load_without_a_failed_request() {
+    let home = Home::new();
+    let (list, addr) = start_proxied(&home);
+    let initial = pids_of(&list);
+    let load = Load::start(addr, 3, false);
+    wait_until(Duration::from_secs(20), "the clients got answers", || {
+        if load.answered() >= 20 {
+            Ok(())
+        } else {
+            Err(format!("{} answered", load.answered()))
+        }
+    });
+    for round in 1..=5 {
+        let out = home.ok(&["reload", "proxied"]);
+        assert!(out.contains("online"), "reload {round}: {out}");
+    }
+    let before = load.answered();
+    wait_until(
+        Duration::from_secs(20),
+        "more answers after the reloads",
+        || {
+            if load.answered() >= before + 20 {
+                Ok(())
+            } else {
+                Err(format!("{} answered", load.answered()))
+            }
+        },
+    );
+    let tally = load.finish();
+    assert!(tally.failures().is_empty(), "{:?}", tally.failures());
+    let now = pids_of(&home.wait_online("proxied", 2));
+    assert!(
+        now.iter().all(|p| !initial.contains(p)),
+        "{now:?} vs {initial:?}"
+    );
+    home.ok(&["delete", "proxied"]);
+    assert_groups_gone(&home.recorded_pgids());
+}
+
+#[test]
+fn proxy_mode_loses_at_most_the_in_flight_requests_of_a_killed_worker() {
+    let home = Home::new();
+    let (list, addr) = start_proxied(&home);
+    let victim = pids_of(&list)[0];
+    let clients = 3;
+    let load = Load::start(addr, clients, false);
+    wait_until(Duration::from_secs(20), "the clients got answers", || {
+        if load.answered() >= 20 {
+            Ok(())
+        } else {
+            Err(format!("{} answered", load.answered()))
+        }
+    });
+    corral_sys::kill(victim, 9).unwrap();
+    let after = home.wait_app(
+        Duration::from_secs(20),
+        "proxied",
+        "a replacement online",
+        |l| {
+            l.len() == 2 && l.iter().all(|i| status(i) == "online") && !pids_of(l).contains(&victim)
+        },
+    );
+    let before = load.answered();
+    wait_until(
+        Duration::from_secs(20),
+        "answers from the new worker too",
+        || {
+            if load.answered() >= before + 20 {
+                Ok(())
+            } else {
+                Err(format!("{} answered", load.answered()))
+            }
+        },
+    );
+    let tally = load.finish();
+    // Each client has at most one request in flight: only those can be lost.
+    assert!(tally.failures().len() <= clients, "{:?}", tally.failures());
+    assert!(
+        tally.pids().contains(&pids_of(&after)[0]) || tally.pids().contains(&pids_of(&after)[1])
+    );
+    home.ok(&["delete", "proxied"]);
+    assert_groups_gone(&home.recorded_pgids());
+}
+
+#[test]
+fn proxy_mode_needs_a_listen_address() {
+    let home = Home::new();
+    let script = fixture(&home, "port_web.py", PORT_WEB_PY);
+    let err = home.fails(&["start", arg(&script), "--lb", "proxy"]);
+    assert!(err.contains("--listen"), "{err}");
+    let err = home.fails(&[
+        "start",
+        arg(&script),
+        "--lb",
+        "round-the-houses",
+        "--listen",
+        "0",
+    ]);
+    assert!(err.contains("shared or proxy"), "{err}");
+}

@@ -17,11 +17,13 @@ use corral_proto::{
 };
 use corral_sys::ExitKind;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
 
 use crate::dump;
 use crate::home::Home;
 use crate::listeners::{self, Listener};
 use crate::logs::{LogSink, pump};
+use crate::proxy::{self, Router};
 use crate::stats::{self, CpuSampler};
 
 /// First argument that makes the `corral` binary an exec shim setting `LISTEN_PID`.
@@ -123,6 +125,18 @@ struct App {
     instances: Vec<Instance>,
     /// Bound once, kept across restarts and reloads, closed with the app.
     listeners: Vec<Listener>,
+    /// In proxy mode: the ready workers the accept loops relay to.
+    router: Option<Arc<Router>>,
+    /// In proxy mode: the accept loops, stopped with the app.
+    accept_loops: Vec<AbortHandle>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        for task in &self.accept_loops {
+            task.abort();
+        }
+    }
 }
 
 impl App {
@@ -161,6 +175,8 @@ struct Proc {
     /// Why the daemon ended it, when it did so on its own account (not ready in time, broke its
     /// channel): said instead of the bare "killed by SIGKILL".
     reason: Option<String>,
+    /// In proxy mode: the loopback port it was told to listen on (`PORT`).
+    port: Option<u16>,
 }
 
 /// A process that no longer serves as its instance (replaced by a reload, or it said it is going
@@ -266,6 +282,7 @@ impl Supervisor {
             self.handle(event);
             self.settle_waiters();
             self.advance_reloads();
+            self.update_routers();
         }
     }
 
@@ -558,11 +575,21 @@ impl Supervisor {
         for listener in &listeners {
             crate::log!("app '{}' listens on {}", spec.name, listener.resolved);
         }
+        let (router, accept_loops) = match spec.lb {
+            corral_proto::LbMode::Proxy => {
+                let router = Arc::new(Router::default());
+                let loops = proxy::serve(&spec.name, &listeners, &router);
+                (Some(router), loops)
+            }
+            corral_proto::LbMode::Shared => (None, Vec::new()),
+        };
         self.apps.push(App {
             spec,
             base_env,
             instances: Vec::new(),
             listeners,
+            router,
+            accept_loops,
         });
         let app = self.apps.len() - 1;
         (0..count)
@@ -830,6 +857,22 @@ impl Supervisor {
         // listeners from 3 (systemd's convention), the channel right after them.
         let listen_fds: Vec<_> = match spec.lb {
             corral_proto::LbMode::Shared => app.listeners.iter().map(|l| l.fd.as_fd()).collect(),
+            corral_proto::LbMode::Proxy => Vec::new(),
+        };
+        // Proxy mode: a fresh port for every process, so that an old and a new one of the same
+        // instance can run side by side during a reload.
+        let port = match spec.lb {
+            corral_proto::LbMode::Proxy => match proxy::free_port() {
+                Ok(port) => Some(port),
+                Err(e) => {
+                    crate::log!(
+                        "app '{}': no free loopback port for a worker: {e}",
+                        spec.name
+                    );
+                    None
+                }
+            },
+            corral_proto::LbMode::Shared => None,
         };
         let channel = corral_sys::fd::stream_pair();
         let mut command = if listen_fds.is_empty() {
@@ -862,6 +905,9 @@ impl Supervisor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if let Some(port) = port {
+            command.env("PORT", port.to_string());
+        }
         if !listen_fds.is_empty() {
             let names: Vec<String> = (0..listen_fds.len())
                 .map(|n| format!("listen{n}"))
@@ -920,6 +966,7 @@ impl Supervisor {
                     started: Instant::now(),
                     stop_sent: false,
                     reason: None,
+                    port,
                 });
                 inst.tracker.on_spawn(now);
                 inst.want_running = true;
@@ -1472,6 +1519,22 @@ impl Supervisor {
         }
     }
 
+    /// Tells each proxy the workers it may relay to now: those online (a draining, stopping or
+    /// starting process gets no new connection).
+    fn update_routers(&self) {
+        for app in &self.apps {
+            let Some(router) = &app.router else { continue };
+            let ready = app
+                .instances
+                .iter()
+                .filter(|i| i.status == Status::Online)
+                .filter_map(|i| i.process.as_ref()?.port)
+                .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .collect();
+            router.set(ready);
+        }
+    }
+
     fn settle_waiters(&mut self) {
         let mut n = 0;
         while n < self.waiters.len() {
@@ -1630,6 +1693,12 @@ pub fn validate(spec: &AppSpec) -> Result<(), String> {
     }
     for address in &spec.listen {
         listeners::parse(address)?;
+    }
+    if spec.lb == corral_proto::LbMode::Proxy && spec.listen.is_empty() {
+        return Err(
+            "--lb proxy relays connections from the app's addresses: give at least one --listen"
+                .into(),
+        );
     }
     if Signal::parse(&spec.stop_signal.to_string()).is_none() {
         return Err(format!("{} is not a signal number", spec.stop_signal));

@@ -295,12 +295,16 @@ pub enum LbMode {
     /// `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, descriptors from 3) and accepts on its own.
     #[default]
     Shared,
+    /// Every worker listens on its own loopback port, given in `PORT`; the master accepts on the
+    /// app's addresses and relays each connection to the next ready worker, round robin.
+    Proxy,
 }
 
 impl fmt::Display for LbMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             LbMode::Shared => "shared",
+            LbMode::Proxy => "proxy",
         })
     }
 }

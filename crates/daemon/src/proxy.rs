@@ -1,0 +1,163 @@
+//! Proxy mode (`--lb proxy`), for programs that only know `PORT`: each worker listens on its own
+//! loopback port, and the master accepts on the app's addresses and relays the bytes of each
+//! connection to the next ready worker, round robin. It costs two descriptors per connection
+//! (the seed's first model); shared mode and, later, round robin through the channel avoid that.
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+use crate::listeners::Listener;
+
+/// How long a connection waits for a ready worker before it is closed.
+const WAIT_FOR_WORKER: Duration = Duration::from_secs(5);
+/// How long connecting to a worker may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Workers tried for one connection before it is given up.
+const MAX_TRIES: usize = 8;
+/// Pause after an accept error (descriptors exhausted, ...), so the loop never spins.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// The ready workers of one app, as the supervisor last saw them.
+#[derive(Debug, Default)]
+pub struct Router {
+    backends: Mutex<Vec<SocketAddr>>,
+    next: AtomicUsize,
+    changed: Notify,
+}
+
+impl Router {
+    /// Replaces the list of ready workers.
+    pub fn set(&self, backends: Vec<SocketAddr>) {
+        let mut current = self.backends.lock().unwrap_or_else(PoisonError::into_inner);
+        if *current != backends {
+            *current = backends;
+            drop(current);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// The next worker, round robin.
+    pub fn pick(&self) -> Option<SocketAddr> {
+        let backends = self.backends.lock().unwrap_or_else(PoisonError::into_inner);
+        if backends.is_empty() {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        Some(backends[n % backends.len()])
+    }
+}
+
+/// Starts one accept loop per listener; the handles stop them.
+pub fn serve(app: &str, listeners: &[Listener], router: &Arc<Router>) -> Vec<AbortHandle> {
+    let mut handles = Vec::new();
+    for listener in listeners {
+        let started = listener.fd.try_clone().and_then(|fd| {
+            if corral_sys::fd::is_unix_socket(fd.as_fd())? {
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)?;
+                let listener = tokio::net::UnixListener::from_std(std)?;
+                let (app, router) = (app.to_string(), router.clone());
+                Ok(tokio::spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((client, _)) => {
+                                tokio::spawn(relay(client, router.clone()));
+                            }
+                            Err(e) => accept_failed(&app, &e).await,
+                        }
+                    }
+                }))
+            } else {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(std)?;
+                let (app, router) = (app.to_string(), router.clone());
+                Ok(tokio::spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((client, _)) => {
+                                let _ = client.set_nodelay(true);
+                                tokio::spawn(relay(client, router.clone()));
+                            }
+                            Err(e) => accept_failed(&app, &e).await,
+                        }
+                    }
+                }))
+            }
+        });
+        match started {
+            Ok(task) => handles.push(task.abort_handle()),
+            Err(e) => crate::log!("app '{app}': cannot accept on {}: {e}", listener.resolved),
+        }
+    }
+    handles
+}
+
+/// Out of descriptors (or another accept error): say so, pause, go on. Connections wait in the
+/// kernel's queue meanwhile.
+async fn accept_failed(app: &str, e: &std::io::Error) {
+    crate::log!("app '{app}': accepting a connection failed ({e}); pausing accepts briefly");
+    tokio::time::sleep(ACCEPT_PAUSE).await;
+}
+
+/// Relays one client connection to a ready worker, trying another when one refuses.
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, router: Arc<Router>) {
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_WORKER;
+    let mut tries = 0;
+    loop {
+        let Some(backend) = router.pick() else {
+            // No worker is ready (all starting, or restarting): wait for one, for a while.
+            let changed = router.changed.notified();
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        if let Ok(Ok(mut worker)) =
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await
+        {
+            let _ = worker.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut worker).await;
+            return;
+        }
+        // That worker is gone or not listening yet: the next one.
+        tries += 1;
+        if tries >= MAX_TRIES || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+    }
+}
+
+/// A free loopback port for a worker, chosen by the kernel.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_round_robin_over_the_current_workers() {
+        let router = Router::default();
+        assert_eq!(router.pick(), None);
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        router.set(vec![a, b]);
+        let picks: Vec<_> = (0..4).map(|_| router.pick().unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&p| p == a).count(), 2);
+        assert_eq!(picks.iter().filter(|&&p| p == b).count(), 2);
+        router.set(vec![b]);
+        assert_eq!(router.pick(), Some(b));
+    }
+}
