@@ -1302,3 +1302,45 @@ fn proxy_mode_needs_a_listen_address() {
     ]);
     assert!(err.contains("shared or proxy"), "{err}");
 }
+
+// ---- sd_notify ----
+
+/// A program that speaks only `sd_notify`: `STATUS`, then `READY=1`, on `$NOTIFY_SOCKET`.
+const SD_NOTIFY_PY: &str = r#"
+import os, socket, time
+address = os.environ["NOTIFY_SOCKET"]
+if address.startswith("@"):
+    address = "\0" + address[1:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.sendto(b"STATUS=warming up", address)
+print("notifying ready, pid %d" % os.getpid(), flush=True)
+s.sendto(b"READY=1", address)
+while True:
+    time.sleep(3600)
+"#;
+
+#[test]
+fn a_program_that_speaks_sd_notify_is_ready_on_ready_1() {
+    let home = Home::new();
+    let script = fixture(&home, "notifier.py", SD_NOTIFY_PY);
+    // Under --wait-ready only READY=1 makes it online; the timeout is long so that only the
+    // notification can explain the status.
+    home.ok(&[
+        "start",
+        arg(&script),
+        "-n",
+        "notifier",
+        "-i",
+        "2",
+        "--wait-ready",
+        "--listen-timeout",
+        "60s",
+    ]);
+    let list = home.wait_online("notifier", 2);
+    for instance in &list {
+        assert_eq!(restarts(instance), 0, "{}", show(&list));
+    }
+    wait_daemon_log(&home, r#""sd_notify_status":"warming up""#);
+    home.ok(&["delete", "notifier"]);
+    assert_groups_gone(&home.recorded_pgids());
+}

@@ -15,6 +15,7 @@ pub mod dump;
 pub mod home;
 pub mod listeners;
 pub mod logs;
+pub mod notify;
 pub mod proxy;
 pub mod server;
 pub mod stats;

@@ -20,8 +20,10 @@ use crate::listeners::Listener;
 const WAIT_FOR_WORKER: Duration = Duration::from_secs(5);
 /// How long connecting to a worker may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Workers tried for one connection before it is given up.
-const MAX_TRIES: usize = 8;
+/// Pause between two refused connects for one client, at most: workers may be slow to listen.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// How often a new worker's port is tried until it accepts.
+const PROBE_INTERVAL: Duration = Duration::from_millis(20);
 /// Pause after an accept error (descriptors exhausted, ...), so the loop never spins.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -111,7 +113,7 @@ async fn accept_failed(app: &str, e: &std::io::Error) {
 /// Relays one client connection to a ready worker, trying another when one refuses.
 async fn relay<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, router: Arc<Router>) {
     let deadline = tokio::time::Instant::now() + WAIT_FOR_WORKER;
-    let mut tries = 0;
+    let mut tries: u32 = 0;
     loop {
         let Some(backend) = router.pick() else {
             // No worker is ready (all starting, or restarting): wait for one, for a while.
@@ -128,11 +130,33 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, router: Arc<Rou
             let _ = tokio::io::copy_bidirectional(&mut client, &mut worker).await;
             return;
         }
-        // That worker is gone or not listening yet: the next one.
+        // That worker is gone or not listening yet: the next one, pausing a little more after
+        // each refusal, until the deadline (the client's request waits unread meanwhile).
         tries += 1;
-        if tries >= MAX_TRIES || tokio::time::Instant::now() >= deadline {
+        let pause = (RETRY_PAUSE / 10 * tries).min(RETRY_PAUSE);
+        if tokio::time::Instant::now() + pause >= deadline {
             return;
         }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Tells the supervisor that process `pid` is ready once its `port` accepts a connection; gives
+/// up after `limit` (the supervisor's listen timeout then ends the process).
+pub async fn probe(
+    port: u16,
+    pid: u32,
+    limit: Duration,
+    events: tokio::sync::mpsc::UnboundedSender<crate::supervisor::Event>,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            let message = corral_proto::channel::WorkerMessage::Ready;
+            let _ = events.send(crate::supervisor::Event::Worker { pid, message });
+            return;
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
     }
 }
 

@@ -177,6 +177,16 @@ struct Proc {
     reason: Option<String>,
     /// In proxy mode: the loopback port it was told to listen on (`PORT`).
     port: Option<u16>,
+    /// The reader of its `NOTIFY_SOCKET`, stopped when the process is forgotten.
+    notify: Option<AbortHandle>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(task) = &self.notify {
+            task.abort();
+        }
+    }
 }
 
 /// A process that no longer serves as its instance (replaced by a reload, or it said it is going
@@ -241,6 +251,7 @@ pub struct Supervisor {
     linger_tick_pending: bool,
     draining: Vec<Draining>,
     reloads: Vec<Reload>,
+    notify_serial: u64,
     epoch: Instant,
     cpu: CpuSampler,
     shutting_down: bool,
@@ -270,6 +281,7 @@ impl Supervisor {
             linger_tick_pending: false,
             draining: Vec::new(),
             reloads: Vec::new(),
+            notify_serial: 0,
             epoch: Instant::now(),
             cpu: CpuSampler::default(),
             shutting_down: false,
@@ -321,16 +333,25 @@ impl Supervisor {
                 self.end_worker(pid, format!("broke its channel protocol ({problem})"));
             }
             Event::ListenTimeout { id, pid } => {
-                let timeout = self
-                    .locate(id)
-                    .map_or(0, |(a, _)| self.apps[a].spec.listen_timeout_ms);
+                let (timeout, proxied) = self.locate(id).map_or((0, false), |(a, _)| {
+                    let spec = &self.apps[a].spec;
+                    (
+                        spec.listen_timeout_ms,
+                        spec.lb == corral_proto::LbMode::Proxy && !spec.wait_ready,
+                    )
+                });
                 if let Some(inst) = self.instance_mut(id)
                     && inst.status == Status::Starting
                     && inst.process.as_ref().is_some_and(|p| p.pid == pid)
                 {
+                    let what = if proxied {
+                        "did not accept connections on its PORT"
+                    } else {
+                        "did not say it is ready"
+                    };
                     self.end_worker(
                         pid,
-                        format!("did not say it is ready within its listen timeout ({timeout}ms)"),
+                        format!("{what} within its listen timeout ({timeout}ms)"),
                     );
                 }
             }
@@ -875,6 +896,14 @@ impl Supervisor {
             corral_proto::LbMode::Shared => None,
         };
         let channel = corral_sys::fd::stream_pair();
+        self.notify_serial += 1;
+        let notify = match crate::notify::bind(id, self.notify_serial) {
+            Ok(notify) => Some(notify),
+            Err(e) => {
+                crate::log!("no NOTIFY_SOCKET for instance {id}: {e}");
+                None
+            }
+        };
         let mut command = if listen_fds.is_empty() {
             std::process::Command::new(&program)
         } else {
@@ -907,6 +936,9 @@ impl Supervisor {
             .process_group(0);
         if let Some(port) = port {
             command.env("PORT", port.to_string());
+        }
+        if let Some(notify) = &notify {
+            command.env("NOTIFY_SOCKET", &notify.address);
         }
         if !listen_fds.is_empty() {
             let names: Vec<String> = (0..listen_fds.len())
@@ -947,6 +979,10 @@ impl Supervisor {
                     }
                     Err(e) => crate::log!("cannot read the channel of pid {pid}: {e}"),
                 }
+                let notify = notify.map(|notify| {
+                    tokio::spawn(crate::notify::read(notify, pid, self.events.clone()))
+                        .abort_handle()
+                });
                 for (pipe, sink) in [
                     (child.stdout.take().map(OwnedFd::from), inst.out.clone()),
                     (child.stderr.take().map(OwnedFd::from), inst.err.clone()),
@@ -967,11 +1003,18 @@ impl Supervisor {
                     stop_sent: false,
                     reason: None,
                     port,
+                    notify,
                 });
                 inst.tracker.on_spawn(now);
                 inst.want_running = true;
                 if wait_ready {
                     inst.status = Status::Starting;
+                    self.after(listen_timeout, Event::ListenTimeout { id, pid });
+                } else if let Some(port) = port {
+                    // Proxy mode: ready when its port accepts, the only readiness that matters
+                    // to the connections relayed to it.
+                    inst.status = Status::Starting;
+                    tokio::spawn(proxy::probe(port, pid, listen_timeout, self.events.clone()));
                     self.after(listen_timeout, Event::ListenTimeout { id, pid });
                 } else if min_uptime.is_zero() {
                     inst.status = Status::Online;
@@ -1107,7 +1150,8 @@ impl Supervisor {
         let name = app.spec.name.clone();
         let now = self.epoch.elapsed();
         let inst = &mut app.instances[i];
-        if app.spec.wait_ready && inst.status == Status::Starting {
+        let probed = app.spec.wait_ready || app.spec.lb == corral_proto::LbMode::Proxy;
+        if probed && inst.status == Status::Starting {
             // It never said it is ready, so it never started: its exit is unstable however long
             // it took (a listen timeout longer than min_uptime must not hide a crash loop).
             policy.min_uptime = Duration::MAX;
