@@ -82,13 +82,6 @@ impl LogSink {
         &self.path
     }
 
-    /// Changes the rotation limits (after a restart with new options).
-    pub fn set_limits(&self, max_size: u64, keep: u32) {
-        let mut inner = self.lock();
-        inner.max_size = max_size;
-        inner.keep = keep;
-    }
-
     /// Watches writes and rotations.
     pub fn subscribe(&self) -> watch::Receiver<Position> {
         self.changed.subscribe()

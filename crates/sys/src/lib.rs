@@ -64,15 +64,6 @@ pub fn group_exists(pgid: u32) -> bool {
     }
 }
 
-/// Whether the process `pid` exists.
-pub fn process_exists(pid_: u32) -> bool {
-    let Ok(pid_) = pid(pid_) else { return false };
-    match rustix::process::test_kill_process(pid_) {
-        Ok(()) => true,
-        Err(e) => e != rustix::io::Errno::SRCH,
-    }
-}
-
 /// How a child ended, as `waitpid` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {
@@ -152,7 +143,6 @@ mod tests {
         kill_group(pgid, 9).unwrap();
         child.wait().unwrap();
         assert!(!group_exists(pgid));
-        assert!(!process_exists(pgid));
     }
 
     #[test]
