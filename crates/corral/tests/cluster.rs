@@ -515,6 +515,21 @@ impl Load {
         self.tally.answered.load(Ordering::SeqCst)
     }
 
+    /// Waits until the clients have had at least `count` answers in all.
+    fn wait_answered(&self, count: usize) {
+        wait_until(Duration::from_secs(20), "answers for the clients", || {
+            if self.answered() >= count {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} of {count} answered; failures: {:?}",
+                    self.answered(),
+                    self.tally.failures()
+                ))
+            }
+        });
+    }
+
     /// Stops the clients and waits for them.
     fn finish(mut self) -> Arc<Tally> {
         self.stop.store(true, Ordering::SeqCst);
@@ -1207,29 +1222,12 @@ fn proxy_mode_reloads_under_load_without_a_failed_request() {
     let (list, addr) = start_proxied(&home);
     let initial = pids_of(&list);
     let load = Load::start(addr, 3, false);
-    wait_until(Duration::from_secs(20), "the clients got answers", || {
-        if load.answered() >= 20 {
-            Ok(())
-        } else {
-            Err(format!("{} answered", load.answered()))
-        }
-    });
+    load.wait_answered(20);
     for round in 1..=5 {
         let out = home.ok(&["reload", "proxied"]);
         assert!(out.contains("online"), "reload {round}: {out}");
     }
-    let before = load.answered();
-    wait_until(
-        Duration::from_secs(20),
-        "more answers after the reloads",
-        || {
-            if load.answered() >= before + 20 {
-                Ok(())
-            } else {
-                Err(format!("{} answered", load.answered()))
-            }
-        },
-    );
+    load.wait_answered(load.answered() + 20);
     let tally = load.finish();
     assert!(tally.failures().is_empty(), "{:?}", tally.failures());
     let now = pids_of(&home.wait_online("proxied", 2));
@@ -1248,13 +1246,7 @@ fn proxy_mode_loses_at_most_the_in_flight_requests_of_a_killed_worker() {
     let victim = pids_of(&list)[0];
     let clients = 3;
     let load = Load::start(addr, clients, false);
-    wait_until(Duration::from_secs(20), "the clients got answers", || {
-        if load.answered() >= 20 {
-            Ok(())
-        } else {
-            Err(format!("{} answered", load.answered()))
-        }
-    });
+    load.wait_answered(20);
     corral_sys::kill(victim, 9).unwrap();
     let after = home.wait_app(
         Duration::from_secs(20),
@@ -1264,18 +1256,7 @@ fn proxy_mode_loses_at_most_the_in_flight_requests_of_a_killed_worker() {
             l.len() == 2 && l.iter().all(|i| status(i) == "online") && !pids_of(l).contains(&victim)
         },
     );
-    let before = load.answered();
-    wait_until(
-        Duration::from_secs(20),
-        "answers from the new worker too",
-        || {
-            if load.answered() >= before + 20 {
-                Ok(())
-            } else {
-                Err(format!("{} answered", load.answered()))
-            }
-        },
-    );
+    load.wait_answered(load.answered() + 20);
     let tally = load.finish();
     // Each client has at most one request in flight: only those can be lost.
     assert!(tally.failures().len() <= clients, "{:?}", tally.failures());
