@@ -1123,7 +1123,9 @@ fn scale_adds_and_removes_instances_and_signal_reaches_the_program() {
     let script = home.file("sig.py", SIGNALS_PY);
     home.ok(&["start", arg(&script), "--min-uptime", "100ms"]);
     home.wait_online("sig", 1);
-    home.ok(&["scale", "sig", "3"]);
+    // Like a reload, scaling up answers once the new instances are ready.
+    let grown = home.ok(&["scale", "sig", "3"]);
+    assert_eq!(grown.matches("online").count(), 3, "{grown}");
     let three = home.wait_online("sig", 3);
     let indexes: Vec<&Value> = three.iter().map(|i| &i["instance"]).collect();
     assert_eq!(indexes, [0, 1, 2]);
@@ -1263,4 +1265,36 @@ fn a_client_of_another_uid_is_refused_even_when_it_can_reach_the_socket() {
         "{stderr}"
     );
     home.assert_daemon_answers();
+}
+
+#[test]
+fn scaling_up_reports_a_new_instance_that_does_not_become_ready() {
+    let home = Home::new();
+    // Fails at start once the file `broken` exists in its working directory.
+    let script = home.file(
+        "fragile.py",
+        "import os, sys, time\nif os.path.exists('broken'):\n    sys.exit(1)\ntime.sleep(3600)\n",
+    );
+    home.ok(&[
+        "start",
+        arg(&script),
+        "--cwd",
+        arg(home.work()),
+        "--min-uptime",
+        "200ms",
+        "--max-restarts",
+        "1",
+    ]);
+    let first = home.wait_online("fragile", 1);
+    std::fs::write(home.work().join("broken"), "").unwrap();
+    let err = home.fails(&["scale", "fragile", "2"]);
+    assert!(
+        err.contains("instance 1 did not become ready") && err.contains("exited with code 1"),
+        "{err}"
+    );
+    let list = home.instances("fragile");
+    assert_eq!(pid(&list[0]), pid(&first[0]), "{}", show(&list));
+    assert_eq!(status(&list[0]), "online", "{}", show(&list));
+    home.ok(&["delete", "fragile"]);
+    assert_groups_gone(&home.recorded_pgids());
 }

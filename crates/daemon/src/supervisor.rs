@@ -231,6 +231,21 @@ struct Waiter {
     then: Then,
 }
 
+/// What `scale` did: instances to wait for until ready, or to remove once down.
+#[derive(Debug)]
+enum Scaled {
+    Growing(Vec<u32>),
+    Shrinking(Vec<u32>, String),
+}
+
+/// A `scale` up waiting for its new instances to be ready (or for one to fail).
+#[derive(Debug)]
+struct ReadyWaiter {
+    app: String,
+    ids: Vec<u32>,
+    reply: oneshot::Sender<Response>,
+}
+
 #[derive(Debug)]
 enum Then {
     Report(Vec<u32>, oneshot::Sender<Response>),
@@ -251,6 +266,7 @@ pub struct Supervisor {
     linger_tick_pending: bool,
     draining: Vec<Draining>,
     reloads: Vec<Reload>,
+    ready_waiters: Vec<ReadyWaiter>,
     notify_serial: u64,
     epoch: Instant,
     cpu: CpuSampler,
@@ -281,6 +297,7 @@ impl Supervisor {
             linger_tick_pending: false,
             draining: Vec::new(),
             reloads: Vec::new(),
+            ready_waiters: Vec::new(),
             notify_serial: 0,
             epoch: Instant::now(),
             cpu: CpuSampler::default(),
@@ -294,6 +311,7 @@ impl Supervisor {
             self.handle(event);
             self.settle_waiters();
             self.advance_reloads();
+            self.settle_ready_waiters();
             self.update_routers();
         }
     }
@@ -417,17 +435,21 @@ impl Supervisor {
                 Err(response) => response,
             },
             Request::Scale { app, instances } => match self.scale(&app, instances) {
-                Ok(Some(waiter)) => {
-                    let (ids, message) = waiter;
+                Ok(Scaled::Shrinking(ids, message)) => {
                     self.waiters.push(Waiter {
                         ids,
                         then: Then::Remove(message, reply),
                     });
                     return;
                 }
-                Ok(None) => {
-                    let ids = self.app_ids(&app);
-                    self.report(&ids)
+                Ok(Scaled::Growing(added)) => {
+                    // As a reload does: the answer comes once the new instances are ready.
+                    self.ready_waiters.push(ReadyWaiter {
+                        app,
+                        ids: added,
+                        reply,
+                    });
+                    return;
                 }
                 Err(response) => response,
             },
@@ -702,7 +724,7 @@ impl Supervisor {
     }
 
     /// Grows or shrinks an app; when shrinking, returns the instances to remove once down.
-    fn scale(&mut self, name: &str, count: u32) -> Result<Option<(Vec<u32>, String)>, Response> {
+    fn scale(&mut self, name: &str, count: u32) -> Result<Scaled, Response> {
         if count == 0 || count > MAX_INSTANCES {
             return Err(error(
                 ErrorKind::InvalidSpec,
@@ -717,14 +739,15 @@ impl Supervisor {
         let current = self.apps[app].instances.len() as u32;
         self.apps[app].spec.instances = count;
         if count >= current {
+            let mut added = Vec::new();
             for _ in current..count {
                 let used: Vec<u32> = self.apps[app].instances.iter().map(|i| i.index).collect();
                 let index = (0..=MAX_INSTANCES)
                     .find(|i| !used.contains(i))
                     .expect("fewer than MAX_INSTANCES are in use");
-                self.add_instance(app, index);
+                added.push(self.add_instance(app, index));
             }
-            return Ok(None);
+            return Ok(Scaled::Growing(added));
         }
         let mut by_index: Vec<(u32, u32)> = self.apps[app]
             .instances
@@ -739,10 +762,10 @@ impl Supervisor {
         for &id in &removed {
             self.stop(id);
         }
-        Ok(Some((
+        Ok(Scaled::Shrinking(
             removed,
             format!("scaled '{name}' from {current} to {count} instance(s)"),
-        )))
+        ))
     }
 
     fn signal(&mut self, target: &str, number: i32) -> Response {
@@ -1576,6 +1599,52 @@ impl Supervisor {
                 .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
                 .collect();
             router.set(ready);
+        }
+    }
+
+    /// Answers each `scale` whose new instances are all online, or one of which failed.
+    fn settle_ready_waiters(&mut self) {
+        let mut n = 0;
+        while n < self.ready_waiters.len() {
+            let waiter = &self.ready_waiters[n];
+            let mut failed = None;
+            let mut pending = false;
+            for &id in &waiter.ids {
+                let Some((a, i)) = self.locate(id) else {
+                    continue;
+                };
+                let inst = &self.apps[a].instances[i];
+                match inst.status {
+                    Status::Online => {}
+                    Status::Starting => pending = true,
+                    _ => {
+                        let why = inst
+                            .last_exit
+                            .clone()
+                            .unwrap_or_else(|| inst.status.to_string());
+                        failed = Some((inst.index, why));
+                    }
+                }
+            }
+            if pending && failed.is_none() {
+                n += 1;
+                continue;
+            }
+            let waiter = self.ready_waiters.swap_remove(n);
+            let response = match failed {
+                None => {
+                    let ids = self.app_ids(&waiter.app);
+                    self.report(&ids)
+                }
+                Some((index, why)) => error(
+                    ErrorKind::Spawn,
+                    format!(
+                        "'{}' was scaled up, but its new instance {index} did not become ready:                          {why}. It is restarted by its restart policy; `corral logs {}` shows why",
+                        waiter.app, waiter.app
+                    ),
+                ),
+            };
+            let _ = waiter.reply.send(response);
         }
     }
 
