@@ -382,6 +382,8 @@ pub struct Follower {
     file: Option<File>,
     generation: u64,
     partial: Vec<u8>,
+    /// Read buffer, made at the first read and kept: a busy log is read in many small steps.
+    buf: Vec<u8>,
 }
 
 impl Follower {
@@ -402,6 +404,7 @@ impl Follower {
             file,
             generation,
             partial: Vec::new(),
+            buf: Vec::new(),
         };
         (follower, recent)
     }
@@ -447,9 +450,12 @@ impl Follower {
             self.file = File::open(self.sink.path()).ok();
             return;
         };
-        let mut buf = vec![0; READ_CHUNK];
+        if self.buf.is_empty() {
+            self.buf = vec![0; READ_CHUNK];
+        }
+        let buf = &mut self.buf;
         loop {
-            match file.read(&mut buf) {
+            match file.read(buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     self.partial.extend_from_slice(&buf[..n]);

@@ -57,46 +57,62 @@ impl Router {
     }
 }
 
+/// A listening socket the proxy accepts on: TCP or Unix, the same loop for both.
+trait Accept: Send + Sync + 'static {
+    type Client: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_client(&self) -> impl Future<Output = std::io::Result<Self::Client>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Client = TcpStream;
+    async fn accept_client(&self) -> std::io::Result<TcpStream> {
+        let (client, _) = self.accept().await?;
+        let _ = client.set_nodelay(true);
+        Ok(client)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Client = tokio::net::UnixStream;
+    async fn accept_client(&self) -> std::io::Result<tokio::net::UnixStream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+fn accept_loop<L: Accept>(listener: L, app: String, router: Arc<Router>) -> AbortHandle {
+    tokio::spawn(async move {
+        loop {
+            match listener.accept_client().await {
+                Ok(client) => {
+                    tokio::spawn(relay(client, router.clone()));
+                }
+                Err(e) => accept_failed(&app, &e).await,
+            }
+        }
+    })
+    .abort_handle()
+}
+
 /// Starts one accept loop per listener; the handles stop them.
 pub fn serve(app: &str, listeners: &[Listener], router: &Arc<Router>) -> Vec<AbortHandle> {
     let mut handles = Vec::new();
     for listener in listeners {
         let started = listener.fd.try_clone().and_then(|fd| {
+            let (app, router) = (app.to_string(), router.clone());
             if corral_sys::fd::is_unix_socket(fd.as_fd())? {
                 let std = std::os::unix::net::UnixListener::from(fd);
                 std.set_nonblocking(true)?;
                 let listener = tokio::net::UnixListener::from_std(std)?;
-                let (app, router) = (app.to_string(), router.clone());
-                Ok(tokio::spawn(async move {
-                    loop {
-                        match listener.accept().await {
-                            Ok((client, _)) => {
-                                tokio::spawn(relay(client, router.clone()));
-                            }
-                            Err(e) => accept_failed(&app, &e).await,
-                        }
-                    }
-                }))
+                Ok(accept_loop(listener, app, router))
             } else {
                 let std = std::net::TcpListener::from(fd);
                 std.set_nonblocking(true)?;
                 let listener = tokio::net::TcpListener::from_std(std)?;
-                let (app, router) = (app.to_string(), router.clone());
-                Ok(tokio::spawn(async move {
-                    loop {
-                        match listener.accept().await {
-                            Ok((client, _)) => {
-                                let _ = client.set_nodelay(true);
-                                tokio::spawn(relay(client, router.clone()));
-                            }
-                            Err(e) => accept_failed(&app, &e).await,
-                        }
-                    }
-                }))
+                Ok(accept_loop(listener, app, router))
             }
         });
         match started {
-            Ok(task) => handles.push(task.abort_handle()),
+            Ok(task) => handles.push(task),
             Err(e) => crate::log!("app '{app}': cannot accept on {}: {e}", listener.resolved),
         }
     }
