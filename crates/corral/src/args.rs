@@ -165,17 +165,19 @@ pub struct StartArgs {
     /// 127.0.0.1:8080, [::1]:0, 8080, unix:/path.
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<String>,
-    /// How connections reach workers: `shared` (each worker gets the listening sockets by
-    /// systemd socket activation and accepts on its own) or `proxy` (each worker listens on its
-    /// own loopback port, given in PORT, and the master relays connections round robin)
-    /// [default: shared].
+    /// How connections reach workers: `rr` (the master accepts and hands each connection to
+    /// the next ready worker over its channel; workers built on corral-worker), `least-conn`
+    /// (the same, to the worker with the fewest open connections), `shared` (each worker gets
+    /// the listening sockets by systemd socket activation and accepts on its own) or `proxy`
+    /// (each worker listens on its own loopback port, given in PORT, and the master relays
+    /// connections round robin) [default: rr].
     #[arg(long, value_name = "MODE")]
     pub lb: Option<String>,
     /// A worker is ready only when it says so (a `ready` message), not after --min-uptime.
     #[arg(long)]
     pub wait_ready: bool,
-    /// With --wait-ready, how long a worker may take to be ready before it counts as failed
-    /// [default: 3s].
+    /// With --wait-ready, in rr and least-conn modes and in proxy mode: how long a worker may
+    /// take to be ready before it counts as failed [default: 3s].
     #[arg(long, value_name = "DURATION")]
     pub listen_timeout: Option<String>,
 }

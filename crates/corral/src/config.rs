@@ -157,10 +157,12 @@ struct Raw {
 /// `shared` or `proxy`.
 pub fn parse_lb(text: &str) -> Result<LbMode, String> {
     match text.trim() {
+        "rr" | "round-robin" => Ok(LbMode::RoundRobin),
+        "least-conn" => Ok(LbMode::LeastConn),
         "shared" => Ok(LbMode::Shared),
         "proxy" => Ok(LbMode::Proxy),
         other => Err(format!(
-            "'{other}' is not a load-balancing mode: use shared or proxy"
+            "'{other}' is not a load-balancing mode: use rr, least-conn, shared or proxy"
         )),
     }
 }

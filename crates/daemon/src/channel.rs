@@ -4,12 +4,14 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use corral_proto::channel::{MAX_CHANNEL_FRAME_LEN, WorkerMessage};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
+use crate::balance::Conduit;
 use crate::supervisor::Event;
 
 /// The master's end as a tokio stream.
@@ -19,42 +21,71 @@ pub fn open(fd: OwnedFd) -> io::Result<UnixStream> {
     UnixStream::from_std(stream)
 }
 
-/// Reads a worker's messages until it closes its end or breaks the protocol.
-pub async fn read(stream: UnixStream, pid: u32, events: mpsc::UnboundedSender<Event>) {
+/// Reads a worker's messages until it closes its end or breaks the protocol. Answers about
+/// connections go to the conduit; the rest to the supervisor. When it ends, the conduit closes
+/// (its unaccepted connections go to other workers).
+pub async fn read(conduit: Arc<Conduit>, events: mpsc::UnboundedSender<Event>) {
+    let pid = conduit.pid();
+    if let Some(problem) = read_until_closed(&conduit, &events).await {
+        let _ = events.send(Event::ChannelFault { pid, problem });
+    }
+    conduit.close();
+}
+
+/// `None` when the worker closed its end (or the daemon is going away), else what was wrong.
+async fn read_until_closed(
+    conduit: &Conduit,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Option<String> {
+    let (pid, stream) = (conduit.pid(), conduit.stream());
     let mut pending: Vec<u8> = Vec::new();
     // Workers say little: a small buffer, so that idle workers cost the daemon little memory.
     let mut chunk = vec![0u8; 4096];
-    let problem = loop {
-        if stream.readable().await.is_err() {
-            return;
-        }
+    loop {
+        stream.readable().await.ok()?;
         let received = stream.try_io(Interest::READABLE, || {
             let mut fds = Vec::new();
             let n = corral_sys::fd::recv_with_fds(stream.as_fd(), &mut chunk, &mut fds)?;
             Ok((n, fds.len()))
         });
         let n = match received {
-            Ok((0, _)) => return,
+            Ok((0, _)) => return None,
             Ok((_, fds)) if fds > 0 => {
-                break format!("it sent {fds} file descriptor(s), which workers may not send");
+                return Some(format!(
+                    "it sent {fds} file descriptor(s), which workers may not send"
+                ));
             }
             Ok((n, _)) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => break format!("reading it failed: {e}"),
+            // It closed its end with frames of ours unread (it exited): a close, not a fault.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
+            Err(e) => return Some(format!("reading it failed: {e}")),
         };
         pending.extend_from_slice(&chunk[..n]);
-        match drain_frames(&mut pending) {
-            Ok(messages) => {
-                for message in messages {
-                    if events.send(Event::Worker { pid, message }).is_err() {
-                        return;
-                    }
+        let messages = match drain_frames(&mut pending) {
+            Ok(messages) => messages,
+            Err(problem) => return Some(problem),
+        };
+        for message in messages {
+            let answered = match message {
+                WorkerMessage::Accepted { id } => conduit.accepted(id),
+                WorkerMessage::Refused { id } => conduit.refused(id),
+                WorkerMessage::Closed { .. } => {
+                    conduit.closed();
+                    true
                 }
+                message => {
+                    events.send(Event::Worker { pid, message }).ok()?;
+                    continue;
+                }
+            };
+            if !answered {
+                return Some(
+                    "it answered about a connection it was not given, or answered twice".into(),
+                );
             }
-            Err(problem) => break problem,
         }
-    };
-    let _ = events.send(Event::ChannelFault { pid, problem });
+    }
 }
 
 /// Takes every complete frame off the front of `pending`.

@@ -10,6 +10,8 @@
 //! reaped by the reaper (this process is a child subreaper and reaps every pid with `waitpid`),
 //! and timers. Output pipes are drained by their own tasks into [`logs`].
 
+pub mod accept;
+pub mod balance;
 pub mod channel;
 pub mod dump;
 pub mod home;

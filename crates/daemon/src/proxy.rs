@@ -24,8 +24,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// How often a new worker's port is tried until it accepts.
 const PROBE_INTERVAL: Duration = Duration::from_millis(20);
-/// Pause after an accept error (descriptors exhausted, ...), so the loop never spins.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// The ready workers of one app, as the supervisor last saw them.
 #[derive(Debug, Default)]
@@ -57,73 +55,27 @@ impl Router {
     }
 }
 
-/// A listening socket the proxy accepts on: TCP or Unix, the same loop for both.
-trait Accept: Send + Sync + 'static {
-    type Client: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept_client(&self) -> impl Future<Output = std::io::Result<Self::Client>> + Send;
-}
-
-impl Accept for tokio::net::TcpListener {
-    type Client = TcpStream;
-    async fn accept_client(&self) -> std::io::Result<TcpStream> {
-        let (client, _) = self.accept().await?;
-        let _ = client.set_nodelay(true);
-        Ok(client)
-    }
-}
-
-impl Accept for tokio::net::UnixListener {
-    type Client = tokio::net::UnixStream;
-    async fn accept_client(&self) -> std::io::Result<tokio::net::UnixStream> {
-        Ok(self.accept().await?.0)
-    }
-}
-
-fn accept_loop<L: Accept>(listener: L, app: String, router: Arc<Router>) -> AbortHandle {
-    tokio::spawn(async move {
-        loop {
-            match listener.accept_client().await {
-                Ok(client) => {
-                    tokio::spawn(relay(client, router.clone()));
-                }
-                Err(e) => accept_failed(&app, &e).await,
-            }
-        }
-    })
-    .abort_handle()
-}
-
 /// Starts one accept loop per listener; the handles stop them.
 pub fn serve(app: &str, listeners: &[Listener], router: &Arc<Router>) -> Vec<AbortHandle> {
-    let mut handles = Vec::new();
-    for listener in listeners {
-        let started = listener.fd.try_clone().and_then(|fd| {
-            let (app, router) = (app.to_string(), router.clone());
-            if corral_sys::fd::is_unix_socket(fd.as_fd())? {
-                let std = std::os::unix::net::UnixListener::from(fd);
-                std.set_nonblocking(true)?;
-                let listener = tokio::net::UnixListener::from_std(std)?;
-                Ok(accept_loop(listener, app, router))
-            } else {
-                let std = std::net::TcpListener::from(fd);
-                std.set_nonblocking(true)?;
-                let listener = tokio::net::TcpListener::from_std(std)?;
-                Ok(accept_loop(listener, app, router))
+    let unix: Arc<Vec<bool>> = Arc::new(
+        listeners
+            .iter()
+            .map(|l| corral_sys::fd::is_unix_socket(l.fd.as_fd()).unwrap_or(false))
+            .collect(),
+    );
+    let router = router.clone();
+    crate::accept::serve(app, listeners, move |fd, index| {
+        let router = router.clone();
+        if unix[index as usize] {
+            let client = std::os::unix::net::UnixStream::from(fd);
+            if let Ok(client) = tokio::net::UnixStream::from_std(client) {
+                tokio::spawn(relay(client, router));
             }
-        });
-        match started {
-            Ok(task) => handles.push(task),
-            Err(e) => crate::log!("app '{app}': cannot accept on {}: {e}", listener.resolved),
+        } else if let Ok(client) = TcpStream::from_std(std::net::TcpStream::from(fd)) {
+            let _ = client.set_nodelay(true);
+            tokio::spawn(relay(client, router));
         }
-    }
-    handles
-}
-
-/// Out of descriptors (or another accept error): say so, pause, go on. Connections wait in the
-/// kernel's queue meanwhile.
-async fn accept_failed(app: &str, e: &std::io::Error) {
-    crate::log!("app '{app}': accepting a connection failed ({e}); pausing accepts briefly");
-    tokio::time::sleep(ACCEPT_PAUSE).await;
+    })
 }
 
 /// Relays one client connection to a ready worker, trying another when one refuses.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corral_policy::{Decision, ExitCause, RestartPolicy, RestartTracker};
-use corral_proto::channel::{CHANNEL_PROTOCOL_VERSION, WorkerMessage};
+use corral_proto::channel::{CHANNEL_PROTOCOL_VERSION, MasterMessage, WorkerMessage};
 use corral_proto::signal::Signal;
 use corral_proto::{
     AppInfo, AppSpec, ErrorKind, InstanceInfo, Request, Response, Status, Stream, Streams, env,
@@ -19,6 +19,7 @@ use corral_sys::ExitKind;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
+use crate::balance::{Balancer, Conduit, Connection};
 use crate::dump;
 use crate::home::Home;
 use crate::listeners::{self, Listener};
@@ -127,7 +128,9 @@ struct App {
     listeners: Vec<Listener>,
     /// In proxy mode: the ready workers the accept loops relay to.
     router: Option<Arc<Router>>,
-    /// In proxy mode: the accept loops, stopped with the app.
+    /// In rr and least-conn modes: the ready workers the accept loops hand connections to.
+    balancer: Option<Arc<Balancer>>,
+    /// In proxy, rr and least-conn modes: the accept loops, stopped with the app.
     accept_loops: Vec<AbortHandle>,
 }
 
@@ -140,6 +143,12 @@ impl Drop for App {
 }
 
 impl App {
+    /// Whether only a `ready` message makes a worker ready: asked for, or it takes connections
+    /// from its channel (it must be reading it).
+    fn needs_ready(&self) -> bool {
+        self.spec.wait_ready || (self.spec.lb.over_channel() && !self.listeners.is_empty())
+    }
+
     fn policy(&self) -> RestartPolicy {
         let spec = &self.spec;
         RestartPolicy {
@@ -179,12 +188,29 @@ struct Proc {
     port: Option<u16>,
     /// The reader of its `NOTIFY_SOCKET`, stopped when the process is forgotten.
     notify: Option<AbortHandle>,
+    /// The master's end of its channel, for writing; closed when the process is forgotten.
+    conduit: Option<Arc<Conduit>>,
+}
+
+impl Proc {
+    /// Asks the process to stop: a `shutdown` frame on its channel, then `signal` to its group.
+    fn ask_to_stop(&mut self, signal: i32) -> std::io::Result<()> {
+        self.stop_sent = true;
+        if let Some(conduit) = &self.conduit {
+            conduit.send(&MasterMessage::Shutdown);
+        }
+        corral_sys::kill_group(self.pid, signal)
+    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(task) = &self.notify {
             task.abort();
+        }
+        // Connections it had not accepted go to the other workers.
+        if let Some(conduit) = &self.conduit {
+            conduit.close();
         }
     }
 }
@@ -351,22 +377,31 @@ impl Supervisor {
                 self.end_worker(pid, format!("broke its channel protocol ({problem})"));
             }
             Event::ListenTimeout { id, pid } => {
-                let (timeout, proxied) = self.locate(id).map_or((0, false), |(a, _)| {
-                    let spec = &self.apps[a].spec;
-                    (
-                        spec.listen_timeout_ms,
-                        spec.lb == corral_proto::LbMode::Proxy && !spec.wait_ready,
+                let Some((a, _)) = self.locate(id) else {
+                    return;
+                };
+                let app = &self.apps[a];
+                let spec = &app.spec;
+                let what = if spec.wait_ready {
+                    "did not say it is ready".to_string()
+                } else if spec.lb == corral_proto::LbMode::Proxy {
+                    "did not accept connections on its PORT".to_string()
+                } else if app.needs_ready() {
+                    format!(
+                        "did not say it is ready on its channel (with --lb {}, a worker takes \
+                         its connections from its channel, as corral-worker's incoming() does; \
+                         a program that accepts on an inherited socket wants --lb shared, one \
+                         that listens on PORT --lb proxy)",
+                        spec.lb
                     )
-                });
+                } else {
+                    "did not say it is ready".to_string()
+                };
+                let timeout = spec.listen_timeout_ms;
                 if let Some(inst) = self.instance_mut(id)
                     && inst.status == Status::Starting
                     && inst.process.as_ref().is_some_and(|p| p.pid == pid)
                 {
-                    let what = if proxied {
-                        "did not accept connections on its PORT"
-                    } else {
-                        "did not say it is ready"
-                    };
                     self.end_worker(
                         pid,
                         format!("{what} within its listen timeout ({timeout}ms)"),
@@ -618,20 +653,31 @@ impl Supervisor {
         for listener in &listeners {
             crate::log!("app '{}' listens on {}", spec.name, listener.resolved);
         }
-        let (router, accept_loops) = match spec.lb {
+        let (mut router, mut balancer, mut accept_loops) = (None, None, Vec::new());
+        match spec.lb {
             corral_proto::LbMode::Proxy => {
-                let router = Arc::new(Router::default());
-                let loops = proxy::serve(&spec.name, &listeners, &router);
-                (Some(router), loops)
+                let proxy = Arc::new(Router::default());
+                accept_loops = proxy::serve(&spec.name, &listeners, &proxy);
+                router = Some(proxy);
             }
-            corral_proto::LbMode::Shared => (None, Vec::new()),
-        };
+            corral_proto::LbMode::RoundRobin | corral_proto::LbMode::LeastConn => {
+                let least_conn = spec.lb == corral_proto::LbMode::LeastConn;
+                let shared = Balancer::new(&spec.name, least_conn);
+                let to = shared.clone();
+                accept_loops = crate::accept::serve(&spec.name, &listeners, move |fd, listener| {
+                    to.dispatch(Connection { fd, listener }, None);
+                });
+                balancer = Some(shared);
+            }
+            corral_proto::LbMode::Shared => {}
+        }
         self.apps.push(App {
             spec,
             base_env,
             instances: Vec::new(),
             listeners,
             router,
+            balancer,
             accept_loops,
         });
         let app = self.apps.len() - 1;
@@ -901,7 +947,7 @@ impl Supervisor {
         // listeners from 3 (systemd's convention), the channel right after them.
         let listen_fds: Vec<_> = match spec.lb {
             corral_proto::LbMode::Shared => app.listeners.iter().map(|l| l.fd.as_fd()).collect(),
-            corral_proto::LbMode::Proxy => Vec::new(),
+            _ => Vec::new(),
         };
         // Proxy mode: a fresh port for every process, so that an old and a new one of the same
         // instance can run side by side during a reload.
@@ -916,7 +962,7 @@ impl Supervisor {
                     None
                 }
             },
-            corral_proto::LbMode::Shared => None,
+            _ => None,
         };
         let channel = corral_sys::fd::stream_pair();
         self.notify_serial += 1;
@@ -948,6 +994,7 @@ impl Supervisor {
             .env(env::CORRAL_ID, id.to_string())
             .env(env::NODE_APP_INSTANCE, inst.index.to_string())
             .env(env::CORRAL_WORKER_ID, id.to_string())
+            .env(env::CORRAL_LB, spec.lb.to_string())
             .env(env::CORRAL_CHANNEL_FD, channel_fd.to_string())
             .env(
                 env::CORRAL_CHANNEL_PROTOCOL,
@@ -983,7 +1030,8 @@ impl Supervisor {
             Ok((child, master_end))
         });
         drop(command);
-        let wait_ready = spec.wait_ready;
+        let wait_ready = app.needs_ready();
+        let balancer = app.balancer.clone();
         let listen_timeout = Duration::from_millis(spec.listen_timeout_ms);
         let timestamps = spec.time;
         let min_uptime = Duration::from_millis(spec.min_uptime_ms);
@@ -996,12 +1044,17 @@ impl Supervisor {
         match spawned {
             Ok((mut child, channel)) => {
                 let pid = child.id();
-                match crate::channel::open(channel) {
+                let conduit = match crate::channel::open(channel) {
                     Ok(stream) => {
-                        tokio::spawn(crate::channel::read(stream, pid, self.events.clone()));
+                        let conduit = Conduit::new(pid, stream, balancer.as_ref());
+                        tokio::spawn(crate::channel::read(conduit.clone(), self.events.clone()));
+                        Some(conduit)
                     }
-                    Err(e) => crate::log!("cannot read the channel of pid {pid}: {e}"),
-                }
+                    Err(e) => {
+                        crate::log!("cannot read the channel of pid {pid}: {e}");
+                        None
+                    }
+                };
                 let notify = notify.map(|notify| {
                     tokio::spawn(crate::notify::read(notify, pid, self.events.clone()))
                         .abort_handle()
@@ -1027,6 +1080,7 @@ impl Supervisor {
                     reason: None,
                     port,
                     notify,
+                    conduit,
                 });
                 inst.tracker.on_spawn(now);
                 inst.want_running = true;
@@ -1083,8 +1137,7 @@ impl Supervisor {
         let mut timers = Vec::new();
         for draining in self.draining.iter_mut().filter(|d| d.id == id) {
             if !draining.process.stop_sent {
-                draining.process.stop_sent = true;
-                let _ = corral_sys::kill_group(draining.process.pid, stop_signal);
+                let _ = draining.process.ask_to_stop(stop_signal);
                 timers.push(draining.process.pid);
             }
         }
@@ -1098,9 +1151,8 @@ impl Supervisor {
             Some(process) => {
                 inst.status = Status::Stopping;
                 if !process.stop_sent {
-                    process.stop_sent = true;
                     let pid = process.pid;
-                    if let Err(e) = corral_sys::kill_group(pid, stop_signal) {
+                    if let Err(e) = process.ask_to_stop(stop_signal) {
                         crate::log!("stopping process group {pid}: {e}");
                     }
                     self.after(kill_timeout, Event::KillTimer { id, pid });
@@ -1172,8 +1224,8 @@ impl Supervisor {
         let kill_timeout = Duration::from_millis(app.spec.kill_timeout_ms);
         let name = app.spec.name.clone();
         let now = self.epoch.elapsed();
+        let probed = app.needs_ready() || app.spec.lb == corral_proto::LbMode::Proxy;
         let inst = &mut app.instances[i];
-        let probed = app.spec.wait_ready || app.spec.lb == corral_proto::LbMode::Proxy;
         if probed && inst.status == Status::Starting {
             // It never said it is ready, so it never started: its exit is unstable however long
             // it took (a listen timeout longer than min_uptime must not hide a crash loop).
@@ -1258,8 +1310,7 @@ impl Supervisor {
         let process = inst.process.as_mut().expect("found by its process");
         process.reason = Some(reason);
         if !process.stop_sent {
-            process.stop_sent = true;
-            let _ = corral_sys::kill_group(pid, stop_signal);
+            let _ = process.ask_to_stop(stop_signal);
             self.after(kill_timeout, Event::KillTimer { id, pid });
         }
     }
@@ -1283,6 +1334,10 @@ impl Supervisor {
             WorkerMessage::Message { data } => {
                 crate::log!("app '{name}' instance {} says: {data}", inst.index);
             }
+            // Answers about connections stay with the channel's reader and its conduit.
+            WorkerMessage::Accepted { .. }
+            | WorkerMessage::Refused { .. }
+            | WorkerMessage::Closed { .. } => {}
             WorkerMessage::GoingDown { reason } => {
                 // The seed's graceful restart: the replacement starts now, the old process
                 // finishes its work and exits on its own (SIGKILL after the kill timeout). Its
@@ -1438,8 +1493,7 @@ impl Supervisor {
         let stop_signal = self.apps[a].spec.stop_signal;
         let kill_timeout = Duration::from_millis(self.apps[a].spec.kill_timeout_ms);
         if let Some(draining) = self.draining.iter_mut().find(|d| d.process.pid == pid) {
-            draining.process.stop_sent = true;
-            let _ = corral_sys::kill_group(pid, stop_signal);
+            let _ = draining.process.ask_to_stop(stop_signal);
             self.after(kill_timeout, Event::KillTimer { id, pid });
         }
     }
@@ -1590,6 +1644,15 @@ impl Supervisor {
     /// starting process gets no new connection).
     fn update_routers(&self) {
         for app in &self.apps {
+            if let Some(balancer) = &app.balancer {
+                let ready = app
+                    .instances
+                    .iter()
+                    .filter(|i| i.status == Status::Online)
+                    .filter_map(|i| i.process.as_ref()?.conduit.clone())
+                    .collect();
+                balancer.set(ready);
+            }
             let Some(router) = &app.router else { continue };
             let ready = app
                 .instances

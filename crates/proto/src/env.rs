@@ -22,3 +22,5 @@ pub const LISTEN_FDS: &str = "LISTEN_FDS";
 pub const LISTEN_PID: &str = "LISTEN_PID";
 /// Systemd socket activation: the sockets' names, separated by `:`.
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+/// How connections reach the app's workers: `rr`, `least-conn`, `shared` or `proxy`.
+pub const CORRAL_LB: &str = "CORRAL_LB";

@@ -291,9 +291,17 @@ pub struct AppSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LbMode {
+    /// The master accepts each connection and hands it to the next ready worker over the
+    /// worker's channel (a `connection` frame carrying the descriptor); the worker acknowledges
+    /// it. Workers must say `ready` before they get any.
+    #[default]
+    #[serde(rename = "rr")]
+    RoundRobin,
+    /// As [`LbMode::RoundRobin`], but to the ready worker with the fewest open connections (as the
+    /// workers report them closed; round robin among equals).
+    LeastConn,
     /// Every worker gets the listening sockets themselves (systemd socket activation:
     /// `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, descriptors from 3) and accepts on its own.
-    #[default]
     Shared,
     /// Every worker listens on its own loopback port, given in `PORT`; the master accepts on the
     /// app's addresses and relays each connection to the next ready worker, round robin.
@@ -303,9 +311,18 @@ pub enum LbMode {
 impl fmt::Display for LbMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            LbMode::RoundRobin => "rr",
+            LbMode::LeastConn => "least-conn",
             LbMode::Shared => "shared",
             LbMode::Proxy => "proxy",
         })
+    }
+}
+
+impl LbMode {
+    /// Whether the master hands connections to the workers over their channels.
+    pub fn over_channel(self) -> bool {
+        matches!(self, LbMode::RoundRobin | LbMode::LeastConn)
     }
 }
 
@@ -372,7 +389,7 @@ impl AppSpec {
             log_max_size: defaults::log_max_size(),
             log_keep: defaults::log_keep(),
             listen: Vec::new(),
-            lb: LbMode::Shared,
+            lb: LbMode::default(),
             wait_ready: false,
             listen_timeout_ms: defaults::listen_timeout_ms(),
         }

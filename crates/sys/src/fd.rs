@@ -5,6 +5,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::time::Duration;
 
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
@@ -169,6 +170,31 @@ pub fn place_fds(
         });
     }
     Ok(())
+}
+
+/// Registers `fd` with the current tokio runtime, to wait for it to be readable or writable.
+/// Must be called within a runtime.
+#[cfg(feature = "tokio")]
+pub fn watch(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is an open descriptor that stays open, and keeps its number, until it
+    // is dropped, which only the `AsyncFd` (its owner from here on) can do.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+/// Waits until one of `fds` is readable (for a listener: has a connection), at most `timeout`.
+/// The index of one readable descriptor, or `None` when the time ran out.
+pub fn wait_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Option<usize>> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
+        .collect();
+    let timeout = Timespec::try_from(timeout).map_err(io::Error::other)?;
+    match rustix::event::poll(&mut polled, Some(&timeout)) {
+        Ok(0) | Err(rustix::io::Errno::INTR) => Ok(None),
+        Ok(_) => Ok(polled.iter().position(|p| !p.revents().is_empty())),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -26,10 +26,18 @@
 
 #![warn(missing_docs)]
 
-use std::io::{self, Write};
+mod channel;
+mod incoming;
+#[cfg(feature = "tokio")]
+pub mod tokio;
+
+use std::io;
 use std::net::TcpListener;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixListener;
 use std::sync::{Mutex, OnceLock, PoisonError};
+
+pub use incoming::{Connection, Incoming, Stream, incoming};
 
 use corral_proto::channel::WorkerMessage;
 use corral_proto::env;
@@ -61,6 +69,15 @@ pub enum Listener {
     Tcp(TcpListener),
     /// A Unix-domain socket.
     Unix(UnixListener),
+}
+
+impl Listener {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l) => l.as_fd(),
+        }
+    }
 }
 
 static LISTENERS: OnceLock<Mutex<Option<Vec<Listener>>>> = OnceLock::new();
@@ -113,25 +130,11 @@ pub fn tcp_listener_or_bind(fallback: &str) -> io::Result<TcpListener> {
     }
 }
 
-static CHANNEL: OnceLock<Option<Mutex<UnixStream>>> = OnceLock::new();
-
-fn channel() -> Option<&'static Mutex<UnixStream>> {
-    CHANNEL
-        .get_or_init(|| {
-            let raw: i32 = std::env::var(env::CORRAL_CHANNEL_FD).ok()?.parse().ok()?;
-            let fd = corral_sys::fd::take_inherited_fd(raw).ok()?;
-            Some(Mutex::new(UnixStream::from(fd)))
-        })
-        .as_ref()
-}
-
 fn send_message(message: &WorkerMessage) -> io::Result<()> {
-    let Some(channel) = channel() else {
-        return Ok(());
-    };
-    let frame = corral_proto::frame::encode(message).map_err(io::Error::other)?;
-    let mut stream = channel.lock().unwrap_or_else(PoisonError::into_inner);
-    stream.write_all(&frame)
+    match channel::get() {
+        Some(channel) => channel.send(message),
+        None => Ok(()),
+    }
 }
 
 /// Tells corral this worker is ready for work (with `--wait-ready`, the only thing that makes

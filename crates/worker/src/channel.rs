@@ -1,0 +1,290 @@
+//! The worker's end of its channel to the master: frames out under a lock, and a reader thread
+//! (started on first need) that queues the connections the master hands over and notes when it
+//! asks this worker to shut down. Works with any runtime, or none: waiting is a condition
+//! variable for blocking callers and a waker for async ones.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Condvar, Mutex, MutexGuard, Once, OnceLock, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use corral_proto::channel::{MAX_CHANNEL_FRAME_LEN, MasterMessage, WorkerMessage};
+use corral_proto::env;
+
+/// A connection the master handed over, not yet taken by the program.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    pub id: u64,
+    pub listener: u32,
+    pub fd: OwnedFd,
+}
+
+#[derive(Debug, Default)]
+struct Inbox {
+    connections: VecDeque<Handed>,
+    /// The master asked this worker to stop, or the program began its own shutdown: connections
+    /// still coming are refused, so the master gives them to another worker.
+    shutdown: bool,
+    /// The master's end closed (it is gone): no more connections will come.
+    closed: bool,
+    connection_wakers: Vec<Waker>,
+    shutdown_wakers: Vec<Waker>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Channel {
+    writer: Mutex<UnixStream>,
+    reader: Mutex<Option<UnixStream>>,
+    started: Once,
+    inbox: Mutex<Inbox>,
+    changed: Condvar,
+    /// Report closed connections (least-conn mode counts them).
+    pub report_closes: bool,
+}
+
+static CHANNEL: OnceLock<Option<Channel>> = OnceLock::new();
+
+/// The channel, when corral gave this process one (taken once, on first use).
+pub(crate) fn get() -> Option<&'static Channel> {
+    CHANNEL
+        .get_or_init(|| {
+            let raw: i32 = std::env::var(env::CORRAL_CHANNEL_FD).ok()?.parse().ok()?;
+            let fd = corral_sys::fd::take_inherited_fd(raw).ok()?;
+            let writer = UnixStream::from(fd);
+            let reader = writer.try_clone().ok();
+            Some(Channel {
+                writer: Mutex::new(writer),
+                reader: Mutex::new(reader),
+                started: Once::new(),
+                inbox: Mutex::default(),
+                changed: Condvar::new(),
+                report_closes: std::env::var(env::CORRAL_LB).as_deref() == Ok("least-conn"),
+            })
+        })
+        .as_ref()
+}
+
+/// Whether the master hands this worker its connections over the channel.
+pub(crate) fn hands_over_connections() -> bool {
+    matches!(
+        std::env::var(env::CORRAL_LB).as_deref(),
+        Ok("rr" | "least-conn")
+    ) && get().is_some()
+}
+
+impl Channel {
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends one message to the master.
+    pub fn send(&self, message: &WorkerMessage) -> io::Result<()> {
+        let frame = corral_proto::frame::encode(message).map_err(io::Error::other)?;
+        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        writer.write_all(&frame)
+    }
+
+    /// Starts the reader thread, once.
+    pub fn listen(&'static self) {
+        self.started.call_once(|| {
+            let reader = self
+                .reader
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let Some(reader) = reader else {
+                self.inbox().closed = true;
+                return;
+            };
+            let spawned = std::thread::Builder::new()
+                .name("corral-channel".into())
+                .spawn(move || self.read(&reader));
+            if spawned.is_err() {
+                self.inbox().closed = true;
+            }
+        });
+    }
+
+    fn read(&self, reader: &UnixStream) {
+        let mut pending = Vec::new();
+        let mut fds = VecDeque::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            let mut received = Vec::new();
+            let n = match corral_sys::fd::recv_with_fds(reader.as_fd(), &mut chunk, &mut received) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            fds.extend(received);
+            pending.extend_from_slice(&chunk[..n]);
+            let mut at = 0;
+            while pending.len() - at >= 4 {
+                let len =
+                    u32::from_be_bytes(pending[at..at + 4].try_into().expect("4 bytes")) as usize;
+                if len > MAX_CHANNEL_FRAME_LEN {
+                    // Not our master: stop listening rather than guess.
+                    self.close();
+                    return;
+                }
+                if pending.len() - at - 4 < len {
+                    break;
+                }
+                // Messages of later versions are skipped.
+                if let Ok(message) = serde_json::from_slice(&pending[at + 4..at + 4 + len]) {
+                    self.handle(&message, &mut fds);
+                }
+                at += 4 + len;
+            }
+            pending.drain(..at);
+        }
+        self.close();
+    }
+
+    fn handle(&self, message: &MasterMessage, fds: &mut VecDeque<OwnedFd>) {
+        match *message {
+            MasterMessage::Connection { id, listener } => {
+                let Some(fd) = fds.pop_front() else {
+                    return;
+                };
+                let mut inbox = self.inbox();
+                if inbox.shutdown {
+                    drop(inbox);
+                    drop(fd);
+                    let _ = self.send(&WorkerMessage::Refused { id });
+                    return;
+                }
+                inbox.connections.push_back(Handed { id, listener, fd });
+                wake(&mut inbox.connection_wakers);
+                drop(inbox);
+                self.changed.notify_all();
+            }
+            MasterMessage::Shutdown => self.shut_down(),
+        }
+    }
+
+    fn close(&self) {
+        let mut inbox = self.inbox();
+        inbox.closed = true;
+        wake(&mut inbox.connection_wakers);
+        drop(inbox);
+        self.changed.notify_all();
+    }
+
+    /// Takes no more connections: those queued and those still coming go back to the master.
+    pub fn shut_down(&self) {
+        let mut inbox = self.inbox();
+        if inbox.shutdown {
+            return;
+        }
+        inbox.shutdown = true;
+        let refused: Vec<Handed> = inbox.connections.drain(..).collect();
+        wake(&mut inbox.connection_wakers);
+        wake(&mut inbox.shutdown_wakers);
+        drop(inbox);
+        self.changed.notify_all();
+        for handed in refused {
+            let _ = self.send(&WorkerMessage::Refused { id: handed.id });
+        }
+    }
+
+    /// Whether a shutdown began.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inbox().shutdown
+    }
+
+    /// The next connection, acknowledged; `None` once no more will come (shutdown, or the
+    /// master is gone). Waits at most `timeout` when given (then `Some(Err(TimedOut))`).
+    pub fn next_blocking(&self, timeout: Option<Duration>) -> Option<io::Result<Handed>> {
+        let mut inbox = self.inbox();
+        loop {
+            if inbox.shutdown || inbox.closed {
+                return None;
+            }
+            if let Some(handed) = inbox.connections.pop_front() {
+                drop(inbox);
+                return Some(self.accept(handed));
+            }
+            inbox = match timeout {
+                None => self
+                    .changed
+                    .wait(inbox)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(timeout) => {
+                    let (inbox, waited) = self
+                        .changed
+                        .wait_timeout(inbox, timeout)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    if waited.timed_out() && inbox.connections.is_empty() {
+                        return Some(Err(io::ErrorKind::TimedOut.into()));
+                    }
+                    inbox
+                }
+            };
+        }
+    }
+
+    /// As [`Channel::next_blocking`], for async callers.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Handed>>> {
+        let mut inbox = self.inbox();
+        if inbox.shutdown || inbox.closed {
+            return Poll::Ready(None);
+        }
+        if let Some(handed) = inbox.connections.pop_front() {
+            drop(inbox);
+            return Poll::Ready(Some(self.accept(handed)));
+        }
+        register(&mut inbox.connection_wakers, cx);
+        Poll::Pending
+    }
+
+    /// Ready once a shutdown began.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inbox = self.inbox();
+        if inbox.shutdown {
+            return Poll::Ready(());
+        }
+        register(&mut inbox.shutdown_wakers, cx);
+        Poll::Pending
+    }
+
+    fn accept(&self, handed: Handed) -> io::Result<Handed> {
+        self.send(&WorkerMessage::Accepted { id: handed.id })?;
+        Ok(handed)
+    }
+}
+
+fn register(wakers: &mut Vec<Waker>, cx: &Context<'_>) {
+    if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+        wakers.push(cx.waker().clone());
+    }
+}
+
+fn wake(wakers: &mut Vec<Waker>) {
+    for waker in wakers.drain(..) {
+        waker.wake();
+    }
+}
+
+/// Tells the master that connection `id` closed, when it counts them; on drop.
+#[derive(Debug)]
+pub(crate) struct CloseReport(pub u64);
+
+impl CloseReport {
+    /// A report for connection `id`, when the master wants them.
+    pub fn for_connection(id: u64) -> Option<CloseReport> {
+        get().filter(|c| c.report_closes).map(|_| CloseReport(id))
+    }
+}
+
+impl Drop for CloseReport {
+    fn drop(&mut self) {
+        if let Some(channel) = get() {
+            let _ = channel.send(&WorkerMessage::Closed { id: self.0 });
+        }
+    }
+}
