@@ -32,7 +32,7 @@ where
     for (index, listener) in listeners.iter().enumerate() {
         let watched = listener.fd.try_clone().and_then(|fd| {
             rustix::io::ioctl_fionbio(&fd, true)?;
-            corral_sys::fd::watch(fd)
+            corral_sys::fd::watch(fd).map_err(|(_, e)| e)
         });
         match watched {
             Ok(fd) => {

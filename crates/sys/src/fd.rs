@@ -172,13 +172,27 @@ pub fn place_fds(
     Ok(())
 }
 
-/// Registers `fd` with the current tokio runtime, to wait for it to be readable or writable.
-/// Must be called within a runtime.
+/// Waits until `fd` can be written to (a non-blocking socket whose buffer was full).
+pub fn wait_writable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use rustix::event::{PollFd, PollFlags};
+    let mut polled = [PollFd::new(&fd, PollFlags::OUT)];
+    loop {
+        match rustix::event::poll(&mut polled, None) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Registers `fd` (non-blocking) with the current tokio runtime, to wait for it to be readable
+/// or writable; on failure, gives it back with the error. Must be called within a runtime.
 #[cfg(feature = "tokio")]
-pub fn watch(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+pub fn watch(fd: OwnedFd) -> Result<tokio::io::unix::AsyncFd<OwnedFd>, (OwnedFd, io::Error)> {
     // SAFETY: an `OwnedFd` is an open descriptor that stays open, and keeps its number, until it
     // is dropped, which only the `AsyncFd` (its owner from here on) can do.
-    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }
+        .map_err(tokio::io::unix::AsyncFdRegisterError::into_parts)
 }
 
 /// Waits until one of `fds` is readable (for a listener: has a connection), at most `timeout`.

@@ -84,10 +84,24 @@ impl Channel {
     pub fn send(&self, message: &WorkerMessage) -> io::Result<()> {
         let frame = corral_proto::frame::encode(message).map_err(io::Error::other)?;
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        writer.write_all(&frame)
+        let mut at = 0;
+        while at < frame.len() {
+            match writer.write(&frame[at..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => at += n,
+                // The descriptor is non-blocking when a runtime reads it: wait for room.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    corral_sys::fd::wait_writable(writer.as_fd())?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
-    /// Starts the reader thread, once.
+    /// Starts reading the channel, once: on a thread of its own, or, called within a tokio
+    /// runtime with the `tokio` feature, as a task of that runtime (no thread hop per connection).
     pub fn listen(&'static self) {
         self.started.call_once(|| {
             let reader = self
@@ -96,21 +110,31 @@ impl Channel {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take();
             let Some(reader) = reader else {
-                self.inbox().closed = true;
+                self.close();
                 return;
+            };
+            #[cfg(feature = "tokio")]
+            let reader = match ::tokio::runtime::Handle::try_current() {
+                Ok(runtime) => match watch(reader) {
+                    Ok(watched) => {
+                        runtime.spawn(self.read_async(watched));
+                        return;
+                    }
+                    Err(reader) => reader,
+                },
+                Err(_) => reader,
             };
             let spawned = std::thread::Builder::new()
                 .name("corral-channel".into())
                 .spawn(move || self.read(&reader));
             if spawned.is_err() {
-                self.inbox().closed = true;
+                self.close();
             }
         });
     }
 
     fn read(&self, reader: &UnixStream) {
-        let mut pending = Vec::new();
-        let mut fds = VecDeque::new();
+        let mut frames = Frames::default();
         let mut chunk = vec![0u8; 16 * 1024];
         loop {
             let mut received = Vec::new();
@@ -118,27 +142,32 @@ impl Channel {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            fds.extend(received);
-            pending.extend_from_slice(&chunk[..n]);
-            let mut at = 0;
-            while pending.len() - at >= 4 {
-                let len =
-                    u32::from_be_bytes(pending[at..at + 4].try_into().expect("4 bytes")) as usize;
-                if len > MAX_CHANNEL_FRAME_LEN {
-                    // Not our master: stop listening rather than guess.
-                    self.close();
-                    return;
-                }
-                if pending.len() - at - 4 < len {
-                    break;
-                }
-                // Messages of later versions are skipped.
-                if let Ok(message) = serde_json::from_slice(&pending[at + 4..at + 4 + len]) {
-                    self.handle(&message, &mut fds);
-                }
-                at += 4 + len;
+            if !frames.feed(self, &chunk[..n], received) {
+                break;
             }
-            pending.drain(..at);
+        }
+        self.close();
+    }
+
+    #[cfg(feature = "tokio")]
+    async fn read_async(&'static self, reader: ::tokio::io::unix::AsyncFd<OwnedFd>) {
+        let mut frames = Frames::default();
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            let Ok(mut ready) = reader.readable().await else {
+                break;
+            };
+            let mut received = Vec::new();
+            let n = match ready
+                .try_io(|fd| corral_sys::fd::recv_with_fds(fd.as_fd(), &mut chunk, &mut received))
+            {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => n,
+                Err(_would_block) => continue,
+            };
+            if !frames.feed(self, &chunk[..n], received) {
+                break;
+            }
         }
         self.close();
     }
@@ -256,6 +285,53 @@ impl Channel {
         self.send(&WorkerMessage::Accepted { id: handed.id })?;
         Ok(handed)
     }
+}
+
+/// Bytes and descriptors read from the channel, not yet made into messages.
+#[derive(Debug, Default)]
+struct Frames {
+    pending: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Frames {
+    /// Takes what one read brought and handles every complete message; false when the stream
+    /// is not the master's (then reading stops).
+    fn feed(&mut self, channel: &Channel, bytes: &[u8], fds: Vec<OwnedFd>) -> bool {
+        self.fds.extend(fds);
+        self.pending.extend_from_slice(bytes);
+        let mut at = 0;
+        while self.pending.len() - at >= 4 {
+            let len =
+                u32::from_be_bytes(self.pending[at..at + 4].try_into().expect("4 bytes")) as usize;
+            if len > MAX_CHANNEL_FRAME_LEN {
+                return false;
+            }
+            if self.pending.len() - at - 4 < len {
+                break;
+            }
+            // Messages of later versions are skipped.
+            if let Ok(message) = serde_json::from_slice(&self.pending[at + 4..at + 4 + len]) {
+                channel.handle(&message, &mut self.fds);
+            }
+            at += 4 + len;
+        }
+        self.pending.drain(..at);
+        true
+    }
+}
+
+/// The reader end, non-blocking, registered with the current runtime; or back, blocking.
+#[cfg(feature = "tokio")]
+fn watch(reader: UnixStream) -> Result<::tokio::io::unix::AsyncFd<OwnedFd>, UnixStream> {
+    if reader.set_nonblocking(true).is_err() {
+        return Err(reader);
+    }
+    corral_sys::fd::watch(OwnedFd::from(reader)).map_err(|(fd, _)| {
+        let reader = UnixStream::from(fd);
+        let _ = reader.set_nonblocking(false);
+        reader
+    })
 }
 
 fn register(wakers: &mut Vec<Waker>, cx: &Context<'_>) {
