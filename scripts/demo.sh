@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Builds corral and runs a demo cluster in a throw-away CORRAL_HOME: two Node.js workers behind
-# one port that the master owns, a crash and its restart, a rolling reload under load, the logs,
-# and a clean shutdown. Leaves nothing running.
+# Builds corral and runs a demo cluster in a throw-away CORRAL_HOME: two workers (the Rust hello
+# example, on corral-worker) behind one port that the master owns and hands connections from,
+# round robin; a crash and its restart; a rolling reload under load, with new and with keep-alive
+# connections; the logs; and a clean shutdown. Leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked -p corral
+cargo build --release --locked -p corral -p corral-worker --features corral-worker/tokio --bins --examples
 corral=$PWD/target/release/corral
 export CORRAL_HOME
 CORRAL_HOME=$(mktemp -d)/corral
@@ -13,8 +14,8 @@ trap '"$corral" kill >/dev/null 2>&1 || true; rm -rf "$(dirname "$CORRAL_HOME")"
 
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
 
-say corral start examples/hello/server.js --name hello -i 2 --listen 127.0.0.1:0
-"$corral" start examples/hello/server.js --name hello -i 2 --listen 127.0.0.1:0
+say corral start target/release/examples/hello --name hello -i 2 --listen 127.0.0.1:0
+"$corral" start target/release/examples/hello --name hello -i 2 --listen 127.0.0.1:0
 address=$("$corral" ls --json | python3 -c "import json,sys; print(json.load(sys.stdin)[0]['listen'][0])")
 
 python3 - "$address" <<'PY'
@@ -27,7 +28,7 @@ while len(seen) < 2 and time.time() < deadline:
         seen[text.split("(pid ")[1]] = text
     except OSError:
         time.sleep(0.05)
-print(f"\n{url} is answered by both workers:")
+print(f"\n{url} is answered by both workers, in turn:")
 for text in seen.values():
     print("  " + text)
 PY
@@ -41,23 +42,39 @@ kill -9 "$pid"
 python3 -c "import time; time.sleep(0.3)"
 "$corral" ls
 
-say corral reload hello "   # while a client sends requests: one worker at a time, the new one up first"
+say corral reload hello "   # while clients send requests: one worker at a time, the new one up first"
 python3 - "$address" "$corral" <<'PY'
-import subprocess, sys, threading, time, urllib.request
-url, corral = f"http://{sys.argv[1]}/", sys.argv[2]
-done, ok, failed = threading.Event(), [0], [0]
-def client():
+import http.client, subprocess, sys, threading, time
+host, port = sys.argv[1].rsplit(":", 1)
+corral = sys.argv[2]
+done = threading.Event()
+counts = {"new connections": [0, 0], "keep-alive": [0, 0]}
+def client(kind):
+    tally = counts[kind]
+    conn = None
     deadline = time.time() + 30
     while not done.is_set() and time.time() < deadline:
         try:
-            urllib.request.urlopen(url, timeout=5).read(); ok[0] += 1
-        except OSError:
-            failed[0] += 1
-thread = threading.Thread(target=client); thread.start()
+            if conn is None or kind == "new connections":
+                conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            conn.request("GET", "/", headers={} if kind == "keep-alive" else {"Connection": "close"})
+            conn.getresponse().read()
+            tally[0] += 1
+        except (OSError, http.client.HTTPException):
+            tally[1] += 1
+            conn = None
+threads = [threading.Thread(target=client, args=(kind,)) for kind in counts]
+for thread in threads:
+    thread.start()
 time.sleep(0.3)
-subprocess.run([corral, "reload", "hello"], check=True, stdout=subprocess.DEVNULL)
-time.sleep(0.3); done.set(); thread.join()
-print(f"requests during the reload: {ok[0]} answered, {failed[0]} failed")
+for _ in range(3):
+    subprocess.run([corral, "reload", "hello"], check=True, stdout=subprocess.DEVNULL)
+time.sleep(0.3)
+done.set()
+for thread in threads:
+    thread.join()
+for kind, (ok, failed) in counts.items():
+    print(f"requests during 3 reloads, {kind}: {ok} answered, {failed} failed")
 PY
 "$corral" ls
 

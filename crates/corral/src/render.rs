@@ -176,8 +176,10 @@ pub fn app(info: &AppInfo) -> String {
     field("load balancing", s.lb.to_string());
     field(
         "ready",
-        if s.wait_ready {
+        if s.wait_ready || (s.lb.over_channel() && !s.listen.is_empty()) {
             format!("when it says so, within {}ms", s.listen_timeout_ms)
+        } else if s.lb == corral_proto::LbMode::Proxy {
+            format!("when its PORT accepts, within {}ms", s.listen_timeout_ms)
         } else {
             format!("after {}ms up, or when it says so", s.min_uptime_ms)
         },

@@ -1280,8 +1280,10 @@ fn scaling_up_reports_a_new_instance_that_does_not_become_ready() {
         arg(&script),
         "--cwd",
         arg(home.work()),
+        // Long enough that the broken start (python3 starting and exiting) ends before it even
+        // on a loaded machine: the new instance is never `online`.
         "--min-uptime",
-        "200ms",
+        "2s",
         "--max-restarts",
         "1",
     ]);

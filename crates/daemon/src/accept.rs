@@ -80,7 +80,7 @@ where
                     if failures == 0 {
                         crate::log!(
                             "app '{app}': accepting a connection failed ({e}); pausing accepts \
-                             (clients wait in the backlog) and trying again every {}ms",
+                             (waiting clients stay in the backlog), trying again every {}ms",
                             PAUSE.as_millis()
                         );
                     }

@@ -377,3 +377,168 @@ impl Balancer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream as StdStream;
+
+    use corral_proto::channel::WorkerMessage;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// A worker's end of its channel, read and written by the test (blocking, on its thread).
+    struct FakeWorker {
+        end: StdStream,
+    }
+
+    impl FakeWorker {
+        /// The next `connection` frame and its descriptor.
+        fn take(&mut self) -> (u64, OwnedFd) {
+            let mut head = [0u8; 4];
+            let mut fds = Vec::new();
+            let n = corral_sys::fd::recv_with_fds(self.end.as_fd(), &mut head, &mut fds).unwrap();
+            assert_eq!(n, 4, "a frame starts with its length");
+            let mut body = vec![0u8; u32::from_be_bytes(head) as usize];
+            self.end.read_exact(&mut body).unwrap();
+            let message: MasterMessage = serde_json::from_slice(&body).unwrap();
+            let MasterMessage::Connection { id, .. } = message else {
+                panic!("expected a connection, got {message:?}");
+            };
+            (id, fds.pop().expect("a descriptor with the frame"))
+        }
+
+        fn say(&mut self, message: &WorkerMessage) {
+            self.end
+                .write_all(&corral_proto::frame::encode(message).unwrap())
+                .unwrap();
+        }
+    }
+
+    /// A worker's channel, as the master has it once the worker is ready: registered, and seen
+    /// writable by the runtime (a conduit writes only when the runtime knows it can).
+    async fn worker(pid: u32, balancer: &Arc<Balancer>) -> (Arc<Conduit>, FakeWorker) {
+        let (master, end) = StdStream::pair().unwrap();
+        let stream = crate::channel::open(OwnedFd::from(master)).unwrap();
+        stream.writable().await.unwrap();
+        // A test waiting for a frame that went elsewhere fails instead of hanging.
+        end.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conduit = Conduit::new(pid, stream, Some(balancer));
+        let (events, _) = mpsc::unbounded_channel();
+        tokio::spawn(crate::channel::read(conduit.clone(), events));
+        (conduit, FakeWorker { end })
+    }
+
+    /// A connection whose client end the test keeps, to check which worker got it.
+    fn connection() -> (Connection, StdStream) {
+        let (client, server) = StdStream::pair().unwrap();
+        let connection = Connection {
+            fd: OwnedFd::from(server),
+            listener: 0,
+        };
+        (connection, client)
+    }
+
+    /// Runs `f` on a thread of its own while the runtime serves the conduits.
+    async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        tokio::task::spawn_blocking(f).await.unwrap()
+    }
+
+    /// Proves that `fd` is the server end of `client`.
+    fn same_connection(fd: OwnedFd, client: &mut StdStream) {
+        let mut server = StdStream::from(fd);
+        server.write_all(b"x").unwrap();
+        let mut got = [0u8; 1];
+        client.read_exact(&mut got).unwrap();
+    }
+
+    #[tokio::test]
+    async fn round_robin_then_a_refused_connection_goes_to_the_other_worker() {
+        let balancer = Balancer::new("test", false);
+        let (a, mut wa) = worker(1, &balancer).await;
+        let (b, mut wb) = worker(2, &balancer).await;
+        balancer.set(vec![a, b]);
+        let (first, mut c1) = connection();
+        let (second, mut c2) = connection();
+        balancer.dispatch(first, None);
+        balancer.dispatch(second, None);
+        let (wa, wb) = off_runtime(move || {
+            let (id, fd) = wa.take();
+            same_connection(fd, &mut c1);
+            wa.say(&WorkerMessage::Accepted { id });
+            let (id, _) = wb.take();
+            // B gives it back: A gets it.
+            wb.say(&WorkerMessage::Refused { id });
+            let (id, fd) = wa.take();
+            same_connection(fd, &mut c2);
+            wa.say(&WorkerMessage::Accepted { id });
+            (wa, wb)
+        })
+        .await;
+        drop((wa, wb));
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_dies_before_accepting_leaves_its_connection_to_another() {
+        let balancer = Balancer::new("test", false);
+        let (a, mut wa) = worker(1, &balancer).await;
+        let (b, mut wb) = worker(2, &balancer).await;
+        balancer.set(vec![a, b]);
+        let (first, mut c1) = connection();
+        balancer.dispatch(first, None);
+        let wb = off_runtime(move || {
+            let (_, fd) = wa.take();
+            // A dies with the connection unanswered: its end of the channel closes.
+            drop((fd, wa));
+            let (id, fd) = wb.take();
+            same_connection(fd, &mut c1);
+            wb.say(&WorkerMessage::Accepted { id });
+            wb
+        })
+        .await;
+        drop(wb);
+    }
+
+    #[tokio::test]
+    async fn least_conn_picks_the_worker_with_fewer_open_connections() {
+        let balancer = Balancer::new("test", true);
+        let (a, mut wa) = worker(1, &balancer).await;
+        let (b, mut wb) = worker(2, &balancer).await;
+        balancer.set(vec![a.clone(), b.clone()]);
+        // A holds one connection open; B closed its own.
+        let (first, _c1) = connection();
+        balancer.dispatch(first, None);
+        let (second, _c2) = connection();
+        balancer.dispatch(second, None);
+        let (wa, wb) = off_runtime(move || {
+            let (id, _fd) = wa.take();
+            wa.say(&WorkerMessage::Accepted { id });
+            let (id, _) = wb.take();
+            wb.say(&WorkerMessage::Accepted { id });
+            wb.say(&WorkerMessage::Closed { id });
+            (wa, wb)
+        })
+        .await;
+        // Wait (bounded) until the master has read those answers.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while (a.load(), b.load()) != (1, 0) {
+            assert!(tokio::time::Instant::now() < deadline, "answers never read");
+            tokio::task::yield_now().await;
+        }
+        let (next, _c3) = connection();
+        balancer.dispatch(next, None);
+        let (mut wa, mut wb) = (wa, wb);
+        off_runtime(move || {
+            let (id, _) = wb.take();
+            wb.say(&WorkerMessage::Accepted { id });
+            drop(wa.end.set_nonblocking(true));
+            let mut probe = [0u8; 1];
+            assert!(
+                wa.end.read(&mut probe).is_err(),
+                "the busier worker got nothing"
+            );
+        })
+        .await;
+    }
+}

@@ -364,3 +364,109 @@ impl Drop for CloseReport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    /// A channel whose master end the test holds, read by its thread.
+    fn channel() -> (&'static Channel, UnixStream) {
+        let (master, worker) = UnixStream::pair().unwrap();
+        let channel = Box::leak(Box::new(Channel {
+            reader: Mutex::new(Some(worker.try_clone().unwrap())),
+            writer: Mutex::new(worker),
+            started: Once::new(),
+            inbox: Mutex::default(),
+            changed: Condvar::new(),
+            report_closes: false,
+        }));
+        channel.listen();
+        (channel, master)
+    }
+
+    fn frame(body: &str) -> Vec<u8> {
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(body.as_bytes());
+        bytes
+    }
+
+    /// Hands over one end of a new socket pair as connection `id`; returns the other end.
+    fn hand_over(master: &UnixStream, id: u64) -> UnixStream {
+        let (client, server) = UnixStream::pair().unwrap();
+        let message = frame(&format!(
+            r#"{{"type":"connection","id":{id},"listener":0}}"#
+        ));
+        let sent =
+            corral_sys::fd::send_with_fds(master.as_fd(), &message, &[server.as_fd()]).unwrap();
+        assert_eq!(sent, message.len());
+        client
+    }
+
+    fn read_message(master: &mut UnixStream) -> WorkerMessage {
+        let mut len = [0u8; 4];
+        master.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        master.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[test]
+    fn a_handed_connection_is_acknowledged_when_taken_and_works() {
+        let (channel, mut master) = channel();
+        let mut client = hand_over(&master, 7);
+        // Messages of a later version are skipped, not fatal.
+        master
+            .write_all(&frame(r#"{"type":"from_the_future"}"#))
+            .unwrap();
+        let mut second = hand_over(&master, 8);
+
+        let taken = channel.next_blocking(Some(Duration::from_secs(10)));
+        let handed = taken.unwrap().unwrap();
+        assert_eq!((handed.id, handed.listener), (7, 0));
+        assert_eq!(read_message(&mut master), WorkerMessage::Accepted { id: 7 });
+        let mut server = UnixStream::from(handed.fd);
+        client.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+
+        let handed = channel.next_blocking(Some(Duration::from_secs(10)));
+        let mut server = UnixStream::from(handed.unwrap().unwrap().fd);
+        assert_eq!(read_message(&mut master), WorkerMessage::Accepted { id: 8 });
+        second.write_all(b"pong").unwrap();
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pong");
+    }
+
+    #[test]
+    fn after_a_shutdown_connections_go_back_to_the_master() {
+        let (channel, mut master) = channel();
+        let _queued = hand_over(&master, 1);
+        // Wait until the reader queued it, so that the shutdown finds it there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while channel.inbox().connections.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never queued");
+            std::thread::yield_now();
+        }
+        master.write_all(&frame(r#"{"type":"shutdown"}"#)).unwrap();
+        assert_eq!(read_message(&mut master), WorkerMessage::Refused { id: 1 });
+        assert!(channel.is_shutting_down());
+        let _late = hand_over(&master, 2);
+        assert_eq!(read_message(&mut master), WorkerMessage::Refused { id: 2 });
+        assert!(
+            channel
+                .next_blocking(Some(Duration::from_secs(1)))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_master_going_away_ends_the_connections() {
+        let (channel, master) = channel();
+        drop(master);
+        assert!(channel.next_blocking(None).is_none());
+    }
+}

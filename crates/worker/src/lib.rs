@@ -2,27 +2,33 @@
 //! program runs on its own, outside corral, so the same binary runs either way.
 //!
 //! It owns the worker's side of the contract in `corral-proto` and `docs/protocol.md`: the
-//! environment corral sets, the inherited listening sockets (systemd socket activation), and the
-//! channel to the master. It knows nothing of HTTP or of any async runtime: the sockets it hands
-//! out are std ones, ready for `tokio::net::TcpListener::from_std` or any server library.
+//! environment corral sets, the connections it hands over or the listening sockets it passes, and
+//! the channel to the master. It knows nothing of HTTP. The blocking API needs no runtime; the
+//! `tokio` feature adds [`tokio::incoming`] and [`tokio::shutdown`] for async servers.
 //!
 //! ```no_run
-//! // Listen where corral says (shared mode), or on 127.0.0.1:8080 when run alone.
-//! let listener = corral_worker::tcp_listener_or_bind("127.0.0.1:8080")?;
+//! use std::io::Write;
+//! // The connections corral gives this worker, in any `--lb` mode, or, run alone, those of
+//! // 127.0.0.1:8080.
+//! let incoming = corral_worker::incoming("127.0.0.1:8080")?;
 //! corral_worker::install_panic_hook();
 //! corral_worker::ready()?;
-//! for stream in listener.incoming() {
-//!     // serve it
-//! #   drop(stream);
+//! for connection in incoming.iter() {
+//!     let mut connection = connection?;
+//!     connection.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")?;
 //! }
+//! // The loop ends when corral asks this worker to shut down.
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
 //! # How it works
-//! corral puts the listening sockets at descriptors 3.. (`LISTEN_FDS`, `LISTEN_PID`) and the
-//! channel right after them (`CORRAL_CHANNEL_FD`). [`listeners`] and the channel functions take
-//! each descriptor once, on first use. Messages are frames: a 4-byte big-endian length, then
-//! JSON.
+//! In `rr` and `least-conn` modes the master accepts, and sends each connection's descriptor on
+//! the channel (`CORRAL_CHANNEL_FD`); the library queues them as they arrive and acknowledges each
+//! when the program takes it, and gives back those that arrive after a shutdown notice. In
+//! `shared` mode the listening sockets are at descriptors 3.. (`LISTEN_FDS`, `LISTEN_PID`) and the
+//! program accepts on them; in `proxy` mode it listens on `127.0.0.1:$PORT`. [`listeners`] and the
+//! channel take each descriptor once, on first use. The channel is read by a thread of its own,
+//! or by a task of the tokio runtime the program runs in.
 
 #![warn(missing_docs)]
 
