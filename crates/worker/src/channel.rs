@@ -30,8 +30,8 @@ struct Inbox {
     shutdown: bool,
     /// The master's end closed (it is gone): no more connections will come.
     closed: bool,
-    connection_wakers: Vec<Waker>,
-    shutdown_wakers: Vec<Waker>,
+    /// The one async consumer waiting for a connection (the latest poll's waker).
+    connection_waker: Option<Waker>,
 }
 
 #[derive(Debug)]
@@ -43,6 +43,9 @@ pub(crate) struct Channel {
     changed: Condvar,
     /// Report closed connections (least-conn mode counts them).
     pub report_closes: bool,
+    /// Whether a shutdown began, for any number of async waiters.
+    #[cfg(feature = "tokio")]
+    shutdown_signal: ::tokio::sync::watch::Sender<bool>,
 }
 
 static CHANNEL: OnceLock<Option<Channel>> = OnceLock::new();
@@ -62,6 +65,8 @@ pub(crate) fn get() -> Option<&'static Channel> {
                 inbox: Mutex::default(),
                 changed: Condvar::new(),
                 report_closes: std::env::var(env::CORRAL_LB).as_deref() == Ok("least-conn"),
+                #[cfg(feature = "tokio")]
+                shutdown_signal: ::tokio::sync::watch::Sender::new(false),
             })
         })
         .as_ref()
@@ -186,7 +191,7 @@ impl Channel {
                     return;
                 }
                 inbox.connections.push_back(Handed { id, listener, fd });
-                wake(&mut inbox.connection_wakers);
+                wake(&mut inbox.connection_waker);
                 drop(inbox);
                 self.changed.notify_all();
             }
@@ -197,7 +202,7 @@ impl Channel {
     fn close(&self) {
         let mut inbox = self.inbox();
         inbox.closed = true;
-        wake(&mut inbox.connection_wakers);
+        wake(&mut inbox.connection_waker);
         drop(inbox);
         self.changed.notify_all();
     }
@@ -210,8 +215,9 @@ impl Channel {
         }
         inbox.shutdown = true;
         let refused: Vec<Handed> = inbox.connections.drain(..).collect();
-        wake(&mut inbox.connection_wakers);
-        wake(&mut inbox.shutdown_wakers);
+        wake(&mut inbox.connection_waker);
+        #[cfg(feature = "tokio")]
+        self.shutdown_signal.send_replace(true);
         drop(inbox);
         self.changed.notify_all();
         for handed in refused {
@@ -266,19 +272,17 @@ impl Channel {
             drop(inbox);
             return Poll::Ready(Some(self.accept(handed)));
         }
-        register(&mut inbox.connection_wakers, cx);
+        inbox.connection_waker = Some(cx.waker().clone());
         Poll::Pending
     }
 
-    /// Ready once a shutdown began.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut inbox = self.inbox();
-        if inbox.shutdown {
-            return Poll::Ready(());
+    /// Completes once a shutdown began.
+    #[cfg(feature = "tokio")]
+    pub fn shutdown_notice(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut begun = self.shutdown_signal.subscribe();
+        async move {
+            let _ = begun.wait_for(|begun| *begun).await;
         }
-        register(&mut inbox.shutdown_wakers, cx);
-        Poll::Pending
     }
 
     fn accept(&self, handed: Handed) -> io::Result<Handed> {
@@ -334,14 +338,8 @@ fn watch(reader: UnixStream) -> Result<::tokio::io::unix::AsyncFd<OwnedFd>, Unix
     })
 }
 
-fn register(wakers: &mut Vec<Waker>, cx: &Context<'_>) {
-    if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-        wakers.push(cx.waker().clone());
-    }
-}
-
-fn wake(wakers: &mut Vec<Waker>) {
-    for waker in wakers.drain(..) {
+fn wake(waker: &mut Option<Waker>) {
+    if let Some(waker) = waker.take() {
         waker.wake();
     }
 }
@@ -382,6 +380,8 @@ mod tests {
             inbox: Mutex::default(),
             changed: Condvar::new(),
             report_closes: false,
+            #[cfg(feature = "tokio")]
+            shutdown_signal: ::tokio::sync::watch::Sender::new(false),
         }));
         channel.listen();
         (channel, master)

@@ -57,13 +57,28 @@ pub fn incoming(fallback: &str) -> io::Result<Incoming> {
             Inner::Listeners(watched)
         }
     };
-    Ok(Incoming { source })
+    let shutdown = match (&source, channel::get()) {
+        (Inner::Listeners(_), Some(channel)) => {
+            Some(Box::pin(channel.shutdown_notice()) as Pin<Box<dyn Future<Output = ()> + Send>>)
+        }
+        _ => None,
+    };
+    Ok(Incoming { source, shutdown })
 }
 
 /// The connections of this worker: see [`incoming`].
-#[derive(Debug)]
 pub struct Incoming {
     source: Inner,
+    /// Accepting on listeners: completes when a shutdown begins.
+    shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -104,8 +119,8 @@ impl Incoming {
                 })
             }),
             Inner::Listeners(listeners) => {
-                if let Some(channel) = channel::get()
-                    && channel.poll_shutdown(cx).is_ready()
+                if let Some(shutdown) = &mut self.shutdown
+                    && shutdown.as_mut().poll(cx).is_ready()
                 {
                     return Poll::Ready(None);
                 }
@@ -147,13 +162,15 @@ pub async fn shutdown() {
     use ::tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    let notice = std::future::poll_fn(|cx| match channel::get() {
-        Some(channel) => {
-            channel.listen();
-            channel.poll_shutdown(cx)
+    let notice = async {
+        match channel::get() {
+            Some(channel) => {
+                channel.listen();
+                channel.shutdown_notice().await;
+            }
+            None => std::future::pending().await,
         }
-        None => Poll::Pending,
-    });
+    };
     match (term, int) {
         (Ok(mut term), Ok(mut int)) => {
             ::tokio::select! {
