@@ -180,6 +180,10 @@ pub struct StartArgs {
     /// take to be ready before it counts as failed [default: 3s].
     #[arg(long, value_name = "DURATION")]
     pub listen_timeout: Option<String>,
+    /// For Node.js apps: `cluster` (corral is their cluster primary: every worker's `listen()`
+    /// gets the master's socket) or `fork` [default: cluster with more than one instance].
+    #[arg(long, value_name = "MODE")]
+    pub exec_mode: Option<String>,
 }
 
 /// `corral logs`.

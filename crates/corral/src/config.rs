@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use corral_proto::signal::Signal;
-use corral_proto::{AppSpec, LbMode};
+use corral_proto::{AppSpec, ExecMode, LbMode};
 use serde::{Deserialize, Deserializer};
 
 use crate::args::StartArgs;
@@ -152,9 +152,21 @@ struct Raw {
     lb: Option<LbMode>,
     wait_ready: Option<bool>,
     listen_timeout_ms: Option<u64>,
+    exec_mode: Option<ExecMode>,
 }
 
-/// `shared` or `proxy`.
+/// `fork` or `cluster`.
+pub fn parse_exec_mode(text: &str) -> Result<ExecMode, String> {
+    match text.trim() {
+        "fork" | "fork_mode" => Ok(ExecMode::Fork),
+        "cluster" | "cluster_mode" => Ok(ExecMode::Cluster),
+        other => Err(format!(
+            "'{other}' is not an exec mode: use fork or cluster"
+        )),
+    }
+}
+
+/// `rr`, `least-conn`, `shared` or `proxy`.
 pub fn parse_lb(text: &str) -> Result<LbMode, String> {
     match text.trim() {
         "rr" | "round-robin" => Ok(LbMode::RoundRobin),
@@ -230,6 +242,16 @@ fn build(script_arg: &str, cwd: &Path, raw: Raw, origin: &dyn fmt::Display) -> R
     spec.lb = raw.lb.unwrap_or(spec.lb);
     spec.wait_ready = raw.wait_ready.unwrap_or(false);
     spec.listen_timeout_ms = raw.listen_timeout_ms.unwrap_or(spec.listen_timeout_ms);
+    // As PM2 does: a Node.js app with more than one instance is a cluster unless told otherwise.
+    let node = spec
+        .interpreter
+        .as_deref()
+        .is_some_and(|i| Path::new(i).file_name().is_some_and(|n| n == "node"));
+    spec.exec_mode = raw.exec_mode.unwrap_or(if node && spec.instances > 1 {
+        ExecMode::Cluster
+    } else {
+        ExecMode::Fork
+    });
     Ok(spec)
 }
 
@@ -304,6 +326,11 @@ pub fn spec_from_args(args: &StartArgs) -> Result<AppSpec> {
             .transpose()?,
         wait_ready: args.wait_ready.then_some(true),
         listen_timeout_ms: opt(&args.listen_timeout, "listen-timeout", parse_duration_ms)?,
+        exec_mode: args
+            .exec_mode
+            .as_deref()
+            .map(|m| parse_exec_mode(m).map_err(|e| anyhow!("--exec-mode: {e}")))
+            .transpose()?,
     };
     build(&args.script, &cwd, raw, &"start")
 }
@@ -343,6 +370,7 @@ parsed_field!(size_field, u64, parse_size);
 parsed_field!(instances_field, u32, parse_instances);
 parsed_field!(signal_field, i32, parse_signal);
 parsed_field!(lb_field, LbMode, parse_lb);
+parsed_field!(exec_mode_field, ExecMode, parse_exec_mode);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +417,8 @@ struct ConfigApp {
     wait_ready: Option<bool>,
     #[serde(default, deserialize_with = "duration_field")]
     listen_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "exec_mode_field")]
+    exec_mode: Option<ExecMode>,
 }
 
 /// The apps of a `corral.toml`. Relative paths are relative to the file's directory.
@@ -436,6 +466,7 @@ pub fn specs_from_file(path: &Path) -> Result<Vec<AppSpec>> {
             lb: app.lb,
             wait_ready: app.wait_ready,
             listen_timeout_ms: app.listen_timeout,
+            exec_mode: app.exec_mode,
         };
         specs.push(build(&app.script, &cwd, raw, &origin)?);
     }

@@ -8,10 +8,10 @@
 //! [`crate::channel::read`]); a [`Balancer`] is an app's set of ready workers, which the
 //! supervisor updates after every event.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -34,15 +34,26 @@ pub struct Connection {
     pub fd: OwnedFd,
     /// Index of the listener that accepted it.
     pub listener: u32,
+    /// The balancer it came from, which takes it back when a worker does not take it.
+    pub origin: Weak<Balancer>,
+}
+
+/// The language a channel speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// corral's frames (`docs/protocol.md`).
+    Corral,
+    /// Node.js's JSON lines and cluster protocol ([`crate::node`]).
+    Node,
 }
 
 /// The master's end of one worker's channel.
 #[derive(Debug)]
 pub struct Conduit {
     pid: u32,
+    codec: Codec,
     stream: UnixStream,
     state: Mutex<ConduitState>,
-    balancer: Option<Weak<Balancer>>,
 }
 
 #[derive(Debug, Default)]
@@ -56,23 +67,44 @@ struct ConduitState {
     given: HashMap<u64, Connection>,
     /// Connections accepted and not reported closed.
     open: usize,
+    /// Connection ids and, for Node, message sequence numbers.
+    next: u64,
+    /// Node: lines waiting for the handle in flight to be acknowledged.
+    queue: VecDeque<Outgoing>,
+    /// Node: the connection whose handle is in flight (the master sends no other handles).
+    awaiting_ack: Option<u64>,
+}
+
+/// A Node line waiting its turn.
+#[derive(Debug)]
+enum Outgoing {
+    Line(Vec<u8>),
+    /// A `newconn` line, sent with the descriptor of given connection `id`.
+    Connection {
+        line: Vec<u8>,
+        id: u64,
+    },
 }
 
 impl Conduit {
-    /// The conduit of process `pid`, writing on `stream`; `balancer` takes back the connections
-    /// it refuses or leaves unaccepted.
-    pub fn new(pid: u32, stream: UnixStream, balancer: Option<&Arc<Balancer>>) -> Arc<Conduit> {
+    /// The conduit of process `pid`, writing on `stream` in `codec`.
+    pub fn new(pid: u32, codec: Codec, stream: UnixStream) -> Arc<Conduit> {
         Arc::new(Conduit {
             pid,
+            codec,
             stream,
             state: Mutex::default(),
-            balancer: balancer.map(Arc::downgrade),
         })
     }
 
     /// The worker's process.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The language of its channel.
+    pub fn codec(&self) -> Codec {
+        self.codec
     }
 
     /// The channel, for its reader.
@@ -90,27 +122,58 @@ impl Conduit {
         state.given.len() + state.open
     }
 
-    /// Sends `message` (no descriptors); queued behind anything unsent.
+    /// Sends a corral message (no descriptors); queued behind anything unsent.
     pub fn send(self: &Arc<Self>, message: &MasterMessage) {
-        let Ok(frame) = corral_proto::frame::encode(message) else {
-            return;
-        };
+        if let Ok(frame) = corral_proto::frame::encode(message) {
+            self.send_now(&frame);
+        }
+    }
+
+    /// Writes `bytes` behind whatever is unsent, not behind a Node handle in flight (for the
+    /// answers to the worker's own handles, and corral frames).
+    pub fn send_now(self: &Arc<Self>, bytes: &[u8]) {
         let mut state = self.state();
         if state.closed {
             return;
         }
         if !state.unsent.is_empty() {
-            state.unsent.extend_from_slice(&frame);
+            state.unsent.extend_from_slice(bytes);
             return;
         }
-        self.write(&mut state, &frame, None);
+        self.write(&mut state, bytes, None);
+    }
+
+    /// Node: sends a line in its turn (behind a handle in flight); `line` gets the sequence
+    /// number to use.
+    pub fn send_line(self: &Arc<Self>, line: impl FnOnce(u64) -> Vec<u8>) {
+        let mut state = self.state();
+        if state.closed {
+            return;
+        }
+        state.next += 1;
+        let bytes = line(state.next);
+        state.queue.push_back(Outgoing::Line(bytes));
+        self.pump(&mut state);
     }
 
     /// Hands `connection` to the worker, or gives it back when the worker cannot take it now (its
-    /// channel is closed or full).
-    fn give(self: &Arc<Self>, id: u64, connection: Connection) -> Result<(), Connection> {
+    /// channel is closed or full). `key` is the Node server it is for.
+    fn give(self: &Arc<Self>, connection: Connection, key: Option<&str>) -> Result<(), Connection> {
         let mut state = self.state();
-        if state.closed || !state.unsent.is_empty() {
+        if state.closed {
+            return Err(connection);
+        }
+        state.next += 1;
+        let id = state.next;
+        if self.codec == Codec::Node {
+            // Queued behind the handle in flight, as Node's own primary does.
+            let line = crate::node::newconn(key.unwrap_or_default(), id);
+            state.given.insert(id, connection);
+            state.queue.push_back(Outgoing::Connection { line, id });
+            self.pump(&mut state);
+            return Ok(());
+        }
+        if !state.unsent.is_empty() {
             return Err(connection);
         }
         let message = MasterMessage::Connection {
@@ -128,6 +191,71 @@ impl Conduit {
         }
     }
 
+    /// Node: writes queued lines until a handle is in flight, the socket is full, or none is
+    /// left.
+    fn pump(self: &Arc<Self>, state: &mut ConduitState) {
+        while state.unsent.is_empty() && state.awaiting_ack.is_none() && !state.closed {
+            let Some(next) = state.queue.pop_front() else {
+                return;
+            };
+            let written = match &next {
+                Outgoing::Line(line) => self.try_write(state, line, None),
+                Outgoing::Connection { line, id } => {
+                    let Some(connection) = state.given.get(id) else {
+                        // Gone back to the balancer meanwhile.
+                        continue;
+                    };
+                    let fd = connection.fd.try_clone();
+                    match fd {
+                        Ok(fd) => self.try_write(state, line, Some(&fd)),
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            match written {
+                Ok(()) => {
+                    if let Outgoing::Connection { id, .. } = next {
+                        state.awaiting_ack = Some(id);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    state.queue.push_front(next);
+                    self.ensure_flusher(state);
+                    return;
+                }
+                Err(_) => {
+                    state.closed = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes `bytes` (with `fd` on the first byte), keeping what the socket did not take.
+    fn try_write(
+        self: &Arc<Self>,
+        state: &mut ConduitState,
+        bytes: &[u8],
+        fd: Option<&OwnedFd>,
+    ) -> io::Result<()> {
+        let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
+        let n = self.stream.try_io(Interest::WRITABLE, || {
+            corral_sys::fd::send_with_fds(self.stream.as_fd(), bytes, &fds)
+        })?;
+        if n < bytes.len() {
+            state.unsent.extend_from_slice(&bytes[n..]);
+            self.ensure_flusher(state);
+        }
+        Ok(())
+    }
+
+    fn ensure_flusher(self: &Arc<Self>, state: &mut ConduitState) {
+        if !state.flushing {
+            state.flushing = true;
+            tokio::spawn(self.clone().flush());
+        }
+    }
+
     /// Writes `frame` (with the descriptor of `connection` on its first byte); keeps what the
     /// socket did not take for a flusher task. False when nothing was written.
     fn write(
@@ -136,21 +264,8 @@ impl Conduit {
         frame: &[u8],
         connection: Option<&Connection>,
     ) -> bool {
-        let fds: Vec<_> = connection.iter().map(|c| c.fd.as_fd()).collect();
-        let written = self.stream.try_io(Interest::WRITABLE, || {
-            corral_sys::fd::send_with_fds(self.stream.as_fd(), frame, &fds)
-        });
-        match written {
-            Ok(n) => {
-                if n < frame.len() {
-                    state.unsent.extend_from_slice(&frame[n..]);
-                    if !state.flushing {
-                        state.flushing = true;
-                        tokio::spawn(self.clone().flush());
-                    }
-                }
-                true
-            }
+        match self.try_write(state, frame, connection.map(|c| &c.fd)) {
+            Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
             Err(_) => {
                 // The worker's end is gone; its reader sees that too and calls `close`.
@@ -160,7 +275,7 @@ impl Conduit {
         }
     }
 
-    /// Writes the unsent bytes as the socket takes them.
+    /// Writes the unsent bytes, then the queued lines, as the socket takes them.
     async fn flush(self: Arc<Self>) {
         loop {
             if self.stream.writable().await.is_err() {
@@ -181,18 +296,39 @@ impl Conduit {
             match written {
                 Ok(n) => {
                     state.unsent.drain(..n);
-                    if state.unsent.is_empty() {
-                        break;
-                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => {
                     state.closed = true;
                     break;
                 }
             }
+            if state.unsent.is_empty() {
+                state.flushing = false;
+                self.pump(&mut state);
+                if !state.flushing {
+                    return;
+                }
+                // `pump` met a full socket and counts on this task: keep going.
+            }
         }
         self.state().flushing = false;
+    }
+
+    /// Node: the worker answered the handle in flight: `received` or not. A connection that did
+    /// not arrive goes to another worker.
+    pub fn handle_answered(self: &Arc<Self>, received: bool) {
+        let mut state = self.state();
+        let in_flight = state.awaiting_ack.take();
+        let lost = match in_flight {
+            Some(id) if !received => state.given.remove(&id),
+            _ => None,
+        };
+        self.pump(&mut state);
+        drop(state);
+        if let Some(connection) = lost {
+            self.give_back(vec![connection]);
+        }
     }
 
     /// The worker took connection `id`: the master's copy closes. False if it was not given.
@@ -227,6 +363,7 @@ impl Conduit {
             let mut state = self.state();
             state.closed = true;
             state.unsent.clear();
+            state.queue.clear();
             state.given.drain().map(|(_, c)| c).collect()
         };
         if !unaccepted.is_empty() {
@@ -234,12 +371,12 @@ impl Conduit {
         }
     }
 
+    /// Connections this worker did not take go back to where they came from.
     fn give_back(&self, connections: Vec<Connection>) {
-        let Some(balancer) = self.balancer.as_ref().and_then(Weak::upgrade) else {
-            return;
-        };
         for connection in connections {
-            balancer.dispatch(connection, Some(self.pid));
+            if let Some(balancer) = connection.origin.upgrade() {
+                balancer.dispatch(connection, Some(self.pid));
+            }
         }
     }
 }
@@ -251,7 +388,8 @@ pub struct Balancer {
     least_conn: bool,
     workers: Mutex<Vec<Arc<Conduit>>>,
     next: AtomicUsize,
-    ids: AtomicU64,
+    /// For a Node server: its key, named in every `newconn`.
+    key: Option<String>,
     changed: Notify,
     dropped: Mutex<DropLog>,
 }
@@ -263,14 +401,15 @@ struct DropLog {
 }
 
 impl Balancer {
-    /// The balancer of app `app`: round robin, or to the least loaded worker.
-    pub fn new(app: &str, least_conn: bool) -> Arc<Balancer> {
+    /// The balancer of app `app`: round robin, or to the least loaded worker; `key` names the
+    /// Node server it serves.
+    pub fn new(app: &str, least_conn: bool, key: Option<String>) -> Arc<Balancer> {
         Arc::new(Balancer {
             app: app.to_string(),
             least_conn,
             workers: Mutex::default(),
             next: AtomicUsize::new(0),
-            ids: AtomicU64::new(0),
+            key,
             changed: Notify::new(),
             dropped: Mutex::default(),
         })
@@ -325,8 +464,7 @@ impl Balancer {
             if Some(worker.pid) == except {
                 continue;
             }
-            let id = self.ids.fetch_add(1, Ordering::Relaxed);
-            match worker.give(id, connection) {
+            match worker.give(connection, self.key.as_deref()) {
                 Ok(()) => return Ok(()),
                 Err(back) => connection = back,
             }
@@ -424,18 +562,20 @@ mod tests {
         stream.writable().await.unwrap();
         // A test waiting for a frame that went elsewhere fails instead of hanging.
         end.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let conduit = Conduit::new(pid, stream, Some(balancer));
+        let _ = balancer;
+        let conduit = Conduit::new(pid, Codec::Corral, stream);
         let (events, _) = mpsc::unbounded_channel();
         tokio::spawn(crate::channel::read(conduit.clone(), events));
         (conduit, FakeWorker { end })
     }
 
     /// A connection whose client end the test keeps, to check which worker got it.
-    fn connection() -> (Connection, StdStream) {
+    fn connection(balancer: &Arc<Balancer>) -> (Connection, StdStream) {
         let (client, server) = StdStream::pair().unwrap();
         let connection = Connection {
             fd: OwnedFd::from(server),
             listener: 0,
+            origin: Arc::downgrade(balancer),
         };
         (connection, client)
     }
@@ -455,12 +595,12 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_then_a_refused_connection_goes_to_the_other_worker() {
-        let balancer = Balancer::new("test", false);
+        let balancer = Balancer::new("test", false, None);
         let (a, mut wa) = worker(1, &balancer).await;
         let (b, mut wb) = worker(2, &balancer).await;
         balancer.set(vec![a, b]);
-        let (first, mut c1) = connection();
-        let (second, mut c2) = connection();
+        let (first, mut c1) = connection(&balancer);
+        let (second, mut c2) = connection(&balancer);
         balancer.dispatch(first, None);
         balancer.dispatch(second, None);
         let (wa, wb) = off_runtime(move || {
@@ -481,11 +621,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_worker_that_dies_before_accepting_leaves_its_connection_to_another() {
-        let balancer = Balancer::new("test", false);
+        let balancer = Balancer::new("test", false, None);
         let (a, mut wa) = worker(1, &balancer).await;
         let (b, mut wb) = worker(2, &balancer).await;
         balancer.set(vec![a, b]);
-        let (first, mut c1) = connection();
+        let (first, mut c1) = connection(&balancer);
         balancer.dispatch(first, None);
         let wb = off_runtime(move || {
             let (_, fd) = wa.take();
@@ -502,14 +642,14 @@ mod tests {
 
     #[tokio::test]
     async fn least_conn_picks_the_worker_with_fewer_open_connections() {
-        let balancer = Balancer::new("test", true);
+        let balancer = Balancer::new("test", true, None);
         let (a, mut wa) = worker(1, &balancer).await;
         let (b, mut wb) = worker(2, &balancer).await;
         balancer.set(vec![a.clone(), b.clone()]);
         // A holds one connection open; B closed its own.
-        let (first, _c1) = connection();
+        let (first, _c1) = connection(&balancer);
         balancer.dispatch(first, None);
-        let (second, _c2) = connection();
+        let (second, _c2) = connection(&balancer);
         balancer.dispatch(second, None);
         let (wa, wb) = off_runtime(move || {
             let (id, _fd) = wa.take();
@@ -526,7 +666,7 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "answers never read");
             tokio::task::yield_now().await;
         }
-        let (next, _c3) = connection();
+        let (next, _c3) = connection(&balancer);
         balancer.dispatch(next, None);
         let (mut wa, mut wb) = (wa, wb);
         off_runtime(move || {

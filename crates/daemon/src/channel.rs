@@ -11,7 +11,8 @@ use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use crate::balance::Conduit;
+use crate::balance::{Codec, Conduit};
+use crate::node::{self, Cluster, FromWorker};
 use crate::supervisor::Event;
 
 /// The master's end as a tokio stream.
@@ -26,7 +27,11 @@ pub fn open(fd: OwnedFd) -> io::Result<UnixStream> {
 /// (its unaccepted connections go to other workers).
 pub async fn read(conduit: Arc<Conduit>, events: mpsc::UnboundedSender<Event>) {
     let pid = conduit.pid();
-    if let Some(problem) = read_until_closed(&conduit, &events).await {
+    let problem = match conduit.codec() {
+        Codec::Corral => read_until_closed(&conduit, &events).await,
+        Codec::Node => read_node_until_closed(&conduit, &events).await,
+    };
+    if let Some(problem) = problem {
         let _ = events.send(Event::ChannelFault { pid, problem });
     }
     conduit.close();
@@ -84,6 +89,90 @@ async fn read_until_closed(
                     "it answered about a connection it was not given, or answered twice".into(),
                 );
             }
+        }
+    }
+}
+
+/// The same for a Node worker: JSON lines ([`crate::node`]).
+async fn read_node_until_closed(
+    conduit: &Arc<Conduit>,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Option<String> {
+    let (pid, stream) = (conduit.pid(), conduit.stream());
+    let mut pending: Vec<u8> = Vec::new();
+    let mut handles = 0usize;
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        stream.readable().await.ok()?;
+        let received = stream.try_io(Interest::READABLE, || {
+            let mut fds = Vec::new();
+            let n = corral_sys::fd::recv_with_fds(stream.as_fd(), &mut chunk, &mut fds)?;
+            // Descriptors a worker sends (`process.send(msg, socket)`) are not kept.
+            Ok((n, fds.len()))
+        });
+        let n = match received {
+            Ok((0, _)) => return None,
+            Ok((n, fds)) => {
+                handles += fds;
+                n
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
+            Err(e) => return Some(format!("reading it failed: {e}")),
+        };
+        let start = pending.len();
+        pending.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        let mut from = start;
+        while let Some(end) = pending[from..].iter().position(|&b| b == b'\n') {
+            let line = &pending[at..from + end];
+            let parsed = match node::parse(line) {
+                Ok(parsed) => parsed,
+                Err(problem) => return Some(problem),
+            };
+            match parsed {
+                FromWorker::HandleAck => conduit.handle_answered(true),
+                FromWorker::HandleNack => conduit.handle_answered(false),
+                FromWorker::Handle => {
+                    // Answered as Node expects (it holds its later messages until then).
+                    let came = handles > 0;
+                    handles = handles.saturating_sub(1);
+                    conduit.send_now(&node::handle_answer(came));
+                }
+                FromWorker::Cluster(Cluster::Accepted { ack, accepted }) => {
+                    // An answer about a connection no longer given (the worker was told to
+                    // leave meanwhile, say) is of no consequence.
+                    let _ = if accepted {
+                        conduit.accepted(ack)
+                    } else {
+                        conduit.refused(ack)
+                    };
+                }
+                FromWorker::Cluster(Cluster::ExitedAfterDisconnect { seq }) => {
+                    conduit.send_line(|next| node::ack(seq, next));
+                }
+                FromWorker::Cluster(Cluster::Online | Cluster::Other) | FromWorker::Internal => {}
+                FromWorker::Cluster(message) => {
+                    events.send(Event::Node { pid, message }).ok()?;
+                }
+                FromWorker::Plain(serde_json::Value::String(text)) if text == "ready" => {
+                    let message = WorkerMessage::Ready;
+                    events.send(Event::Worker { pid, message }).ok()?;
+                }
+                FromWorker::Plain(data) => {
+                    let message = WorkerMessage::Message { data };
+                    events.send(Event::Worker { pid, message }).ok()?;
+                }
+            }
+            at = from + end + 1;
+            from = at;
+        }
+        pending.drain(..at);
+        if pending.len() > node::MAX_LINE {
+            return Some(format!(
+                "it sent a line longer than {} bytes",
+                node::MAX_LINE
+            ));
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod dump;
 pub mod home;
 pub mod listeners;
 pub mod logs;
+pub mod node;
 pub mod notify;
 pub mod proxy;
 pub mod server;

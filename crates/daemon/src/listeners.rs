@@ -70,7 +70,20 @@ pub fn parse(address: &str) -> Result<Address, String> {
 
 /// Binds and listens on `address`.
 pub fn bind(address: &str) -> Result<Listener, String> {
-    let parsed = parse(address)?;
+    bind_parsed(address, parse(address)?).map_err(|e| e.message)
+}
+
+/// Why an address could not be bound: the message for people, the errno for programs.
+#[derive(Debug)]
+pub struct BindError {
+    /// What went wrong, with the address and a hint.
+    pub message: String,
+    /// The OS error number, when there is one.
+    pub errno: Option<i32>,
+}
+
+/// Binds and listens on `parsed` (`address` as the user wrote it, for messages).
+pub fn bind_parsed(address: &str, parsed: Address) -> Result<Listener, BindError> {
     let failed = |e: io::Error| {
         let hint = match e.raw_os_error() {
             Some(98) => ": another program (or app) holds it; stop it or choose another address",
@@ -78,7 +91,10 @@ pub fn bind(address: &str) -> Result<Listener, String> {
             Some(13) => ": ports below 1024 need root (or CAP_NET_BIND_SERVICE)",
             _ => "",
         };
-        format!("cannot listen on {address}: {e}{hint}")
+        BindError {
+            message: format!("cannot listen on {address}: {e}{hint}"),
+            errno: e.raw_os_error(),
+        }
     };
     match parsed {
         Address::Tcp(addr) => {

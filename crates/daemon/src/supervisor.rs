@@ -2,7 +2,7 @@
 //! it as an [`Event`] (a client request, a reaped child, a timer), and it never awaits, so one
 //! slow client or child cannot stall it. Restart decisions come from `corral-policy`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
@@ -19,11 +19,12 @@ use corral_sys::ExitKind;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::balance::{Balancer, Conduit, Connection};
+use crate::balance::{Balancer, Codec, Conduit, Connection};
 use crate::dump;
 use crate::home::Home;
 use crate::listeners::{self, Listener};
 use crate::logs::{LogSink, pump};
+use crate::node;
 use crate::proxy::{self, Router};
 use crate::stats::{self, CpuSampler};
 
@@ -97,6 +98,21 @@ pub enum Event {
         /// What was wrong.
         problem: String,
     },
+    /// A Node worker's cluster message that needs the supervisor (`queryServer`, `listening`,
+    /// `close`).
+    Node {
+        /// The worker's process.
+        pid: u32,
+        /// What it said.
+        message: node::Cluster,
+    },
+    /// A Node cluster worker was asked to disconnect `kill_timeout` ago: now the stop signal.
+    SignalTimer {
+        /// Instance id.
+        id: u32,
+        /// The process it was set for.
+        pid: u32,
+    },
     /// A worker under `wait_ready` was given `listen_timeout` to say it is ready.
     ListenTimeout {
         /// Instance id.
@@ -132,6 +148,45 @@ struct App {
     balancer: Option<Arc<Balancer>>,
     /// In proxy, rr and least-conn modes: the accept loops, stopped with the app.
     accept_loops: Vec<AbortHandle>,
+    /// Node cluster apps: the servers their workers asked for, by Node's key; kept, like the
+    /// `--listen` sockets, until the app is deleted.
+    node_servers: BTreeMap<String, NodeServer>,
+}
+
+/// A listening socket a Node app's workers asked for with `listen()`.
+#[derive(Debug)]
+struct NodeServer {
+    listener: Listener,
+    balancer: Arc<Balancer>,
+    accept_loops: Vec<AbortHandle>,
+    /// The first worker's `data` (TLS ticket keys), given to every worker.
+    data: serde_json::Value,
+    /// What the workers' `server.address()` reports (TCP).
+    sockname: Option<serde_json::Value>,
+    /// The processes serving it.
+    members: BTreeSet<u32>,
+}
+
+impl Drop for NodeServer {
+    fn drop(&mut self) {
+        for task in &self.accept_loops {
+            task.abort();
+        }
+    }
+}
+
+/// Whether the app runs under Node.js (its channel speaks Node's protocol).
+fn is_node(spec: &AppSpec) -> bool {
+    spec.interpreter.as_deref().is_some_and(|i| {
+        std::path::Path::new(i)
+            .file_name()
+            .is_some_and(|n| n == "node")
+    })
+}
+
+/// Whether corral is the app's Node cluster primary.
+fn is_node_cluster(spec: &AppSpec) -> bool {
+    is_node(spec) && spec.exec_mode == corral_proto::ExecMode::Cluster
 }
 
 impl Drop for App {
@@ -146,7 +201,9 @@ impl App {
     /// Whether only a `ready` message makes a worker ready: asked for, or it takes connections
     /// from its channel (it must be reading it).
     fn needs_ready(&self) -> bool {
-        self.spec.wait_ready || (self.spec.lb.over_channel() && !self.listeners.is_empty())
+        self.spec.wait_ready
+            || (self.spec.lb.over_channel() && !self.listeners.is_empty())
+            || is_node_cluster(&self.spec)
     }
 
     fn policy(&self) -> RestartPolicy {
@@ -190,16 +247,30 @@ struct Proc {
     notify: Option<AbortHandle>,
     /// The master's end of its channel, for writing; closed when the process is forgotten.
     conduit: Option<Arc<Conduit>>,
+    /// A Node cluster worker: stopped by `disconnect` first.
+    node_cluster: bool,
 }
 
 impl Proc {
-    /// Asks the process to stop: a `shutdown` frame on its channel, then `signal` to its group.
-    fn ask_to_stop(&mut self, signal: i32) -> std::io::Result<()> {
+    /// Asks the process of instance `id` to stop: a `shutdown` frame on its channel and `signal`
+    /// to its group; or, gracefully for a Node cluster worker, Node's `disconnect` (the signal
+    /// follows after the kill timeout). Returns the timer to set for `kill_timeout`.
+    fn ask_to_stop(&mut self, id: u32, signal: i32, graceful: bool) -> Event {
         self.stop_sent = true;
+        let pid = self.pid;
         if let Some(conduit) = &self.conduit {
-            conduit.send(&MasterMessage::Shutdown);
+            if self.node_cluster && graceful {
+                conduit.send_line(node::disconnect);
+                return Event::SignalTimer { id, pid };
+            }
+            if conduit.codec() == Codec::Corral {
+                conduit.send(&MasterMessage::Shutdown);
+            }
         }
-        corral_sys::kill_group(self.pid, signal)
+        if let Err(e) = corral_sys::kill_group(pid, signal) {
+            crate::log!("stopping process group {pid}: {e}");
+        }
+        Event::KillTimer { id, pid }
     }
 }
 
@@ -371,6 +442,8 @@ impl Supervisor {
                 }
             }
             Event::KillTimer { id, pid } => self.kill_timer(id, pid),
+            Event::SignalTimer { id, pid } => self.signal_timer(id, pid),
+            Event::Node { pid, message } => self.node_message(pid, message),
             Event::LingerTick => self.linger_tick(),
             Event::Worker { pid, message } => self.worker_message(pid, message),
             Event::ChannelFault { pid, problem } => {
@@ -384,6 +457,10 @@ impl Supervisor {
                 let spec = &app.spec;
                 let what = if spec.wait_ready {
                     "did not say it is ready".to_string()
+                } else if is_node_cluster(spec) {
+                    "did not listen (a Node.js cluster worker is ready when a server of its \
+                     listens; one without a server runs with --exec-mode fork)"
+                        .to_string()
                 } else if spec.lb == corral_proto::LbMode::Proxy {
                     "did not accept connections on its PORT".to_string()
                 } else if app.needs_ready() {
@@ -662,10 +739,19 @@ impl Supervisor {
             }
             corral_proto::LbMode::RoundRobin | corral_proto::LbMode::LeastConn => {
                 let least_conn = spec.lb == corral_proto::LbMode::LeastConn;
-                let shared = Balancer::new(&spec.name, least_conn);
+                let shared = Balancer::new(&spec.name, least_conn, None);
                 let to = shared.clone();
+                let origin = Arc::downgrade(&shared);
                 accept_loops = crate::accept::serve(&spec.name, &listeners, move |fd, listener| {
-                    to.dispatch(Connection { fd, listener }, None);
+                    let origin = origin.clone();
+                    to.dispatch(
+                        Connection {
+                            fd,
+                            listener,
+                            origin,
+                        },
+                        None,
+                    );
                 });
                 balancer = Some(shared);
             }
@@ -679,6 +765,7 @@ impl Supervisor {
             router,
             balancer,
             accept_loops,
+            node_servers: BTreeMap::new(),
         });
         let app = self.apps.len() - 1;
         (0..count)
@@ -983,6 +1070,8 @@ impl Supervisor {
             shim
         };
         let channel_fd = 3 + listen_fds.len() as i32;
+        let node = is_node(spec);
+        let node_cluster = is_node_cluster(spec);
         command
             .args(&args)
             .current_dir(&spec.cwd)
@@ -995,15 +1084,27 @@ impl Supervisor {
             .env(env::NODE_APP_INSTANCE, inst.index.to_string())
             .env(env::CORRAL_WORKER_ID, id.to_string())
             .env(env::CORRAL_LB, spec.lb.to_string())
-            .env(env::CORRAL_CHANNEL_FD, channel_fd.to_string())
-            .env(
-                env::CORRAL_CHANNEL_PROTOCOL,
-                CHANNEL_PROTOCOL_VERSION.to_string(),
-            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if node {
+            // Node's own IPC channel: `process.send` and `process.on('message')` work, and in
+            // cluster mode corral is the cluster primary.
+            command
+                .env("NODE_CHANNEL_FD", channel_fd.to_string())
+                .env("NODE_CHANNEL_SERIALIZATION_MODE", "json");
+            if node_cluster {
+                command.env("NODE_UNIQUE_ID", id.to_string());
+            }
+        } else {
+            command
+                .env(env::CORRAL_CHANNEL_FD, channel_fd.to_string())
+                .env(
+                    env::CORRAL_CHANNEL_PROTOCOL,
+                    CHANNEL_PROTOCOL_VERSION.to_string(),
+                );
+        }
         if let Some(port) = port {
             command.env("PORT", port.to_string());
         }
@@ -1031,7 +1132,7 @@ impl Supervisor {
         });
         drop(command);
         let wait_ready = app.needs_ready();
-        let balancer = app.balancer.clone();
+        let codec = if node { Codec::Node } else { Codec::Corral };
         let listen_timeout = Duration::from_millis(spec.listen_timeout_ms);
         let timestamps = spec.time;
         let min_uptime = Duration::from_millis(spec.min_uptime_ms);
@@ -1046,7 +1147,7 @@ impl Supervisor {
                 let pid = child.id();
                 let conduit = match crate::channel::open(channel) {
                     Ok(stream) => {
-                        let conduit = Conduit::new(pid, stream, balancer.as_ref());
+                        let conduit = Conduit::new(pid, codec, stream);
                         tokio::spawn(crate::channel::read(conduit.clone(), self.events.clone()));
                         Some(conduit)
                     }
@@ -1081,6 +1182,7 @@ impl Supervisor {
                     port,
                     notify,
                     conduit,
+                    node_cluster,
                 });
                 inst.tracker.on_spawn(now);
                 inst.want_running = true;
@@ -1137,12 +1239,8 @@ impl Supervisor {
         let mut timers = Vec::new();
         for draining in self.draining.iter_mut().filter(|d| d.id == id) {
             if !draining.process.stop_sent {
-                let _ = draining.process.ask_to_stop(stop_signal);
-                timers.push(draining.process.pid);
+                timers.push(draining.process.ask_to_stop(id, stop_signal, true));
             }
-        }
-        for pid in timers {
-            self.after(kill_timeout, Event::KillTimer { id, pid });
         }
         let inst = &mut self.apps[a].instances[i];
         inst.want_running = false;
@@ -1151,11 +1249,7 @@ impl Supervisor {
             Some(process) => {
                 inst.status = Status::Stopping;
                 if !process.stop_sent {
-                    let pid = process.pid;
-                    if let Err(e) = process.ask_to_stop(stop_signal) {
-                        crate::log!("stopping process group {pid}: {e}");
-                    }
-                    self.after(kill_timeout, Event::KillTimer { id, pid });
+                    timers.push(process.ask_to_stop(id, stop_signal, true));
                 }
             }
             None => {
@@ -1164,6 +1258,131 @@ impl Supervisor {
                 }
             }
         }
+        for timer in timers {
+            self.after(kill_timeout, timer);
+        }
+    }
+
+    /// A Node cluster worker did not leave within the kill timeout of its `disconnect`: the stop
+    /// signal now, SIGKILL after another kill timeout.
+    fn signal_timer(&mut self, id: u32, pid: u32) {
+        let alive =
+            self.draining.iter().any(|d| d.process.pid == pid) || self.by_pid(pid).is_some();
+        let Some((a, _)) = self.locate(id) else {
+            return;
+        };
+        if alive {
+            let spec = &self.apps[a].spec;
+            crate::log!(
+                "pid {pid} of app '{}' did not leave within {}ms of its disconnect: sending {}",
+                spec.name,
+                spec.kill_timeout_ms,
+                Signal::describe(spec.stop_signal)
+            );
+            let _ = corral_sys::kill_group(pid, spec.stop_signal);
+            let kill_timeout = Duration::from_millis(spec.kill_timeout_ms);
+            self.after(kill_timeout, Event::KillTimer { id, pid });
+        }
+    }
+
+    /// What a Node cluster worker asks of its primary.
+    fn node_message(&mut self, pid: u32, message: node::Cluster) {
+        match message {
+            node::Cluster::QueryServer { seq, query } => self.node_query(pid, seq, &query),
+            node::Cluster::Listening => {
+                if let Some((a, i)) = self.by_pid(pid) {
+                    let wait_ready = self.apps[a].spec.wait_ready;
+                    let inst = &mut self.apps[a].instances[i];
+                    if inst.status == Status::Starting && !wait_ready {
+                        inst.status = Status::Online;
+                    }
+                }
+            }
+            node::Cluster::Close { key } => {
+                for app in &mut self.apps {
+                    if let Some(server) = app.node_servers.get_mut(&key) {
+                        server.members.remove(&pid);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A Node worker's `listen()`: the master's socket for that key (bound now if it is the
+    /// first), and from then on its connections, round robin.
+    fn node_query(&mut self, pid: u32, seq: u64, query: &serde_json::Value) {
+        let Some((a, i)) = self.by_pid(pid) else {
+            return;
+        };
+        let Some(conduit) = self.apps[a].instances[i]
+            .process
+            .as_ref()
+            .and_then(|p| p.conduit.clone())
+        else {
+            return;
+        };
+        let key = node::server_key(query);
+        let data = query.get("data").cloned().unwrap_or_default();
+        let app = &mut self.apps[a];
+        if !app.node_servers.contains_key(&key) {
+            match node_listen(query) {
+                Ok((address, listener)) => {
+                    crate::log!(
+                        "app '{}' listens on {} (its workers' listen({address}))",
+                        app.spec.name,
+                        listener.resolved
+                    );
+                    let least_conn = app.spec.lb == corral_proto::LbMode::LeastConn;
+                    let balancer = Balancer::new(&app.spec.name, least_conn, Some(key.clone()));
+                    let (to, origin) = (balancer.clone(), Arc::downgrade(&balancer));
+                    let accept_loops = crate::accept::serve(
+                        &app.spec.name,
+                        std::slice::from_ref(&listener),
+                        move |fd, listener| {
+                            let origin = origin.clone();
+                            to.dispatch(
+                                Connection {
+                                    fd,
+                                    listener,
+                                    origin,
+                                },
+                                None,
+                            );
+                        },
+                    );
+                    let sockname = listener
+                        .resolved
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                        .map(node::sockname);
+                    app.node_servers.insert(
+                        key.clone(),
+                        NodeServer {
+                            listener,
+                            balancer,
+                            accept_loops,
+                            data,
+                            sockname,
+                            members: BTreeSet::new(),
+                        },
+                    );
+                }
+                Err((errno, why)) => {
+                    crate::log!(
+                        "app '{}' instance {}: its listen() fails: {why}",
+                        app.spec.name,
+                        app.instances[i].index
+                    );
+                    conduit.send_line(|next| node::error_reply(&key, seq, &data, errno, next));
+                    return;
+                }
+            }
+        }
+        let server = app.node_servers.get_mut(&key).expect("inserted above");
+        server.members.insert(pid);
+        let (data, sockname) = (server.data.clone(), server.sockname.clone());
+        conduit.send_line(|next| node::round_robin_reply(&key, seq, &data, sockname, next));
     }
 
     fn kill_timer(&mut self, id: u32, pid: u32) {
@@ -1186,6 +1405,11 @@ impl Supervisor {
     }
 
     fn reaped(&mut self, pid: u32, exit: ExitKind) {
+        for app in &mut self.apps {
+            for server in app.node_servers.values_mut() {
+                server.members.remove(&pid);
+            }
+        }
         let Some((a, i)) = self.by_pid(pid) else {
             if let Some(n) = self.draining.iter().position(|d| d.process.pid == pid) {
                 let draining = self.draining.swap_remove(n);
@@ -1310,8 +1534,9 @@ impl Supervisor {
         let process = inst.process.as_mut().expect("found by its process");
         process.reason = Some(reason);
         if !process.stop_sent {
-            let _ = process.ask_to_stop(stop_signal);
-            self.after(kill_timeout, Event::KillTimer { id, pid });
+            // Its channel may be what is broken: the signal at once.
+            let timer = process.ask_to_stop(id, stop_signal, false);
+            self.after(kill_timeout, timer);
         }
     }
 
@@ -1493,8 +1718,8 @@ impl Supervisor {
         let stop_signal = self.apps[a].spec.stop_signal;
         let kill_timeout = Duration::from_millis(self.apps[a].spec.kill_timeout_ms);
         if let Some(draining) = self.draining.iter_mut().find(|d| d.process.pid == pid) {
-            let _ = draining.process.ask_to_stop(stop_signal);
-            self.after(kill_timeout, Event::KillTimer { id, pid });
+            let timer = draining.process.ask_to_stop(id, stop_signal, true);
+            self.after(kill_timeout, timer);
         }
     }
 
@@ -1644,6 +1869,17 @@ impl Supervisor {
     /// starting process gets no new connection).
     fn update_routers(&self) {
         for app in &self.apps {
+            for server in app.node_servers.values() {
+                let ready = app
+                    .instances
+                    .iter()
+                    .filter(|i| i.status == Status::Online)
+                    .filter_map(|i| i.process.as_ref())
+                    .filter(|p| server.members.contains(&p.pid))
+                    .filter_map(|p| p.conduit.clone())
+                    .collect();
+                server.balancer.set(ready);
+            }
             if let Some(balancer) = &app.balancer {
                 let ready = app
                     .instances
@@ -1817,8 +2053,32 @@ impl Supervisor {
             cpu_percent,
             memory_bytes,
             last_exit: inst.last_exit.clone(),
-            listen: app.listeners.iter().map(|l| l.resolved.clone()).collect(),
+            listen: app
+                .listeners
+                .iter()
+                .chain(app.node_servers.values().map(|s| &s.listener))
+                .map(|l| l.resolved.clone())
+                .collect(),
         })
+    }
+}
+
+/// Binds what a Node worker's `queryServer` asks for: its address (for the log) and the socket,
+/// or the errno for the worker and why.
+fn node_listen(query: &serde_json::Value) -> Result<(String, Listener), (i32, String)> {
+    const EINVAL: i32 = 22;
+    let address = node::listen_address(query)?;
+    let bind = |address: &str| {
+        let parsed = listeners::parse(address).map_err(|why| (EINVAL, why))?;
+        listeners::bind_parsed(address, parsed).map_err(|e| (e.errno.unwrap_or(EINVAL), e.message))
+    };
+    match bind(&address) {
+        // No IPv6 on this machine: every IPv4 interface, as Node falls back to.
+        Err((97 | 99, _)) if address.starts_with("[::]:") => {
+            let v4 = address.replacen("[::]", "0.0.0.0", 1);
+            bind(&v4).map(|l| (v4, l))
+        }
+        other => other.map(|l| (address, l)),
     }
 }
 
@@ -1869,6 +2129,14 @@ pub fn validate(spec: &AppSpec) -> Result<(), String> {
     }
     for address in &spec.listen {
         listeners::parse(address)?;
+    }
+    if is_node_cluster(spec) && !spec.listen.is_empty() {
+        return Err(
+            "a Node.js cluster app listens where its code calls listen(), on sockets corral \
+             binds for it: drop --listen (or run it with --exec-mode fork --lb shared and \
+             listen({fd: 3}))"
+                .into(),
+        );
     }
     if spec.lb == corral_proto::LbMode::Proxy && spec.listen.is_empty() {
         return Err(

@@ -285,6 +285,30 @@ pub struct AppSpec {
     /// With `wait_ready`: how long a worker may take to say `ready` before it counts as failed.
     #[serde(default = "defaults::listen_timeout_ms")]
     pub listen_timeout_ms: u64,
+    /// For Node.js apps: `cluster` makes corral their cluster primary.
+    #[serde(default)]
+    pub exec_mode: ExecMode,
+}
+
+/// How a Node.js app runs (PM2's `exec_mode`); other programs ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecMode {
+    /// Plain processes.
+    #[default]
+    Fork,
+    /// Cluster workers of corral, which speaks Node's cluster protocol as their primary: their
+    /// `listen()` calls are answered with the master's sockets.
+    Cluster,
+}
+
+impl fmt::Display for ExecMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ExecMode::Fork => "fork",
+            ExecMode::Cluster => "cluster",
+        })
+    }
 }
 
 /// How an app's listening sockets reach its workers.
@@ -392,6 +416,7 @@ impl AppSpec {
             lb: LbMode::default(),
             wait_ready: false,
             listen_timeout_ms: defaults::listen_timeout_ms(),
+            exec_mode: ExecMode::Fork,
         }
     }
 }
