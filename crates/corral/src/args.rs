@@ -75,6 +75,13 @@ pub enum Command {
         /// App name, instance id, or `all`.
         target: String,
     },
+    /// Send a JSON message to the running instances (Node: `process.on('message')`).
+    Send {
+        /// App name, instance id, or `all`.
+        target: String,
+        /// The message, as JSON: '{"cmd":"refresh"}', '"ready"', 42.
+        json: String,
+    },
     /// Print recent log lines; with -f, keep printing new ones.
     Logs(LogsArgs),
     /// Empty log files.

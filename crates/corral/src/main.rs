@@ -134,6 +134,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let signal = config::parse_signal(&signal).map_err(|e| anyhow!(e))?;
             done_command(&home, &Request::Signal { target, signal })?;
         }
+        Command::Send { target, json } => {
+            let data = serde_json::from_str(&json).map_err(|e| {
+                anyhow!(
+                    "the message {json:?} is not JSON ({e}): quote it for the shell, as in \
+                     corral send {target} '{{\"cmd\": \"refresh\"}}' or '\"text\"'"
+                )
+            })?;
+            done_command(&home, &Request::Send { target, data })?;
+        }
         Command::Logs(args) => logs(&home, &args)?,
         Command::Flush { target } => done_command(&home, &Request::Flush { target })?,
         Command::Save { force } => done_command(&home, &Request::Save { force })?,

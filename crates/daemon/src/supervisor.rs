@@ -566,6 +566,7 @@ impl Supervisor {
                 Err(response) => response,
             },
             Request::Signal { target, signal } => self.signal(&target, signal),
+            Request::Send { target, data } => self.send(&target, &data),
             Request::Logs { .. } => error(
                 ErrorKind::BadFrame,
                 "logs requests are served by the connection, not the supervisor",
@@ -927,6 +928,34 @@ impl Supervisor {
         }
         Response::Done {
             message: format!("sent {name} to {sent} instance(s) of {target}"),
+        }
+    }
+
+    fn send(&mut self, target: &str, data: &serde_json::Value) -> Response {
+        let ids = match self.resolve(target) {
+            Ok(ids) => ids,
+            Err(response) => return response,
+        };
+        let mut sent = 0;
+        for id in ids {
+            let conduit = self
+                .instance_mut(id)
+                .and_then(|i| i.process.as_ref()?.conduit.clone());
+            let Some(conduit) = conduit else { continue };
+            match conduit.codec() {
+                Codec::Node => conduit.send_line(|_| node::line(data)),
+                Codec::Corral => conduit.send(&MasterMessage::Message { data: data.clone() }),
+            }
+            sent += 1;
+        }
+        if sent == 0 {
+            return error(
+                ErrorKind::UnknownTarget,
+                format!("no instance of {target} is running, so none got the message"),
+            );
+        }
+        Response::Done {
+            message: format!("sent the message to {sent} instance(s) of {target}"),
         }
     }
 

@@ -69,4 +69,9 @@ pub enum MasterMessage {
     /// The master is about to stop this worker (a reload, `stop`, `scale`): take no more work,
     /// finish the open work, exit. The stop signal follows.
     Shutdown,
+    /// A message for the program (`corral send`).
+    Message {
+        /// Any JSON.
+        data: serde_json::Value,
+    },
 }

@@ -108,6 +108,14 @@ pub enum Request {
     },
     /// Stop every app, then the daemon.
     Kill,
+    /// Send a message to the running instances of a target: `process.on('message')` in Node
+    /// apps, a `message` frame on the channel of others.
+    Send {
+        /// App name, instance id, or `all`.
+        target: String,
+        /// Any JSON.
+        data: serde_json::Value,
+    },
 }
 
 /// Which of an instance's output streams.

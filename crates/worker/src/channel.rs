@@ -196,6 +196,8 @@ impl Channel {
                 self.changed.notify_all();
             }
             MasterMessage::Shutdown => self.shut_down(),
+            // Not taken by this version of the library.
+            MasterMessage::Message { .. } => {}
         }
     }
 
