@@ -131,28 +131,28 @@ pub fn locate_script(arg: &str, cwd: &Path) -> Option<PathBuf> {
 
 /// Options common to the command line and `corral.toml`, as raw values.
 #[derive(Debug, Default)]
-struct Raw {
-    name: Option<String>,
-    args: Vec<String>,
-    instances: Option<u32>,
-    interpreter: Option<String>,
-    interpreter_args: Vec<String>,
-    env: BTreeMap<String, String>,
-    autorestart: Option<bool>,
-    time: Option<bool>,
-    min_uptime_ms: Option<u64>,
-    max_restarts: Option<u32>,
-    restart_delay_ms: Option<u64>,
-    exp_backoff_ms: Option<u64>,
-    kill_timeout_ms: Option<u64>,
-    stop_signal: Option<i32>,
-    log_max_size: Option<u64>,
-    log_keep: Option<u32>,
-    listen: Vec<String>,
-    lb: Option<LbMode>,
-    wait_ready: Option<bool>,
-    listen_timeout_ms: Option<u64>,
-    exec_mode: Option<ExecMode>,
+pub(crate) struct Raw {
+    pub name: Option<String>,
+    pub args: Vec<String>,
+    pub instances: Option<u32>,
+    pub interpreter: Option<String>,
+    pub interpreter_args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub autorestart: Option<bool>,
+    pub time: Option<bool>,
+    pub min_uptime_ms: Option<u64>,
+    pub max_restarts: Option<u32>,
+    pub restart_delay_ms: Option<u64>,
+    pub exp_backoff_ms: Option<u64>,
+    pub kill_timeout_ms: Option<u64>,
+    pub stop_signal: Option<i32>,
+    pub log_max_size: Option<u64>,
+    pub log_keep: Option<u32>,
+    pub listen: Vec<String>,
+    pub lb: Option<LbMode>,
+    pub wait_ready: Option<bool>,
+    pub listen_timeout_ms: Option<u64>,
+    pub exec_mode: Option<ExecMode>,
 }
 
 /// `fork` or `cluster`.
@@ -185,7 +185,12 @@ fn check_listen(address: &str) -> Result<String, String> {
 }
 
 /// Builds one spec: resolves the script, the interpreter, the name, and applies the options.
-fn build(script_arg: &str, cwd: &Path, raw: Raw, origin: &dyn fmt::Display) -> Result<AppSpec> {
+pub(crate) fn build(
+    script_arg: &str,
+    cwd: &Path,
+    raw: Raw,
+    origin: &dyn fmt::Display,
+) -> Result<AppSpec> {
     let script = locate_script(script_arg, cwd).ok_or_else(|| {
         anyhow!(
             "{origin}: script '{script_arg}' not found: no file {} and no such command on PATH",

@@ -4,6 +4,7 @@
 mod args;
 mod client;
 mod config;
+mod ecosystem;
 mod render;
 
 use std::collections::BTreeMap;
@@ -218,6 +219,13 @@ fn start(home: &Home, args: &StartArgs) -> Result<()> {
         .is_some_and(|e| e == "toml");
     let specs = if is_config {
         config::specs_from_file(Path::new(&args.script))?
+    } else if ecosystem::is_ecosystem(Path::new(&args.script)) && Path::new(&args.script).is_file()
+    {
+        let (specs, ignored) = ecosystem::specs_from_file(Path::new(&args.script))?;
+        for line in ignored {
+            eprintln!("corral: {line}");
+        }
+        specs
     } else if config::locate_script(&args.script, &std::env::current_dir()?).is_none() {
         // Not a file: perhaps the name of an app to start again, as `pm2 start <name>` does. No
         // daemon means no such app: a mistyped script name does not start one.

@@ -173,10 +173,27 @@ pub fn app(info: &AppInfo) -> String {
             listen
         },
     );
+    let node_cluster = s.exec_mode == corral_proto::ExecMode::Cluster
+        && s.interpreter.as_deref().is_some_and(|i| {
+            std::path::Path::new(i)
+                .file_name()
+                .is_some_and(|n| n == "node")
+        });
+    if node_cluster {
+        field(
+            "exec mode",
+            "cluster (corral is the Node.js cluster primary)".into(),
+        );
+    }
     field("load balancing", s.lb.to_string());
     field(
         "ready",
-        if s.wait_ready || (s.lb.over_channel() && !s.listen.is_empty()) {
+        if node_cluster && !s.wait_ready {
+            format!(
+                "when a server of it listens, within {}ms",
+                s.listen_timeout_ms
+            )
+        } else if s.wait_ready || (s.lb.over_channel() && !s.listen.is_empty()) {
             format!("when it says so, within {}ms", s.listen_timeout_ms)
         } else if s.lb == corral_proto::LbMode::Proxy {
             format!("when its PORT accepts, within {}ms", s.listen_timeout_ms)

@@ -1300,3 +1300,58 @@ fn scaling_up_reports_a_new_instance_that_does_not_become_ready() {
     home.ok(&["delete", "fragile"]);
     assert_groups_gone(&home.recorded_pgids());
 }
+
+#[test]
+fn an_ecosystem_file_starts_every_app_and_names_the_options_left_out() {
+    let home = Home::new();
+    home.file(
+        "worker.py",
+        "import os, time\nprint('py up A=%s' % os.environ.get('A'), flush=True)\ntime.sleep(3600)\n",
+    );
+    home.file(
+        "server.js",
+        "console.log('js up B=' + process.env.B);\nsetInterval(() => {}, 60000);\n",
+    );
+    let eco = home.file(
+        "ecosystem.config.js",
+        r#"module.exports = {
+  apps: [
+    { name: "js", script: "server.js", env: { B: 2 }, watch: true, max_memory_restart: "1G" },
+    { name: "py", script: "worker.py", interpreter: "python3", env: { A: "one" }, kill_timeout: 2500 },
+  ],
+};
+"#,
+    );
+    let output = home.corral(&["start", arg(&eco)]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("app js: ignoring max_memory_restart, watch"),
+        "the options left out are named: {stderr}"
+    );
+    home.wait_online("js", 1);
+    home.wait_online("py", 1);
+    home.wait_log("js", 0, "out", "js up B=2");
+    home.wait_log("py", 0, "out", "py up A=one");
+    let described = home.ok(&["describe", "py"]);
+    assert!(described.contains("2500ms"), "{described}");
+
+    // A file that is not valid says where.
+    let broken = home.file(
+        "broken.config.js",
+        "module.exports = { apps: [ { name: 'x' ",
+    );
+    let err = home.fails(&["start", arg(&broken)]);
+    assert!(
+        err.contains("broken.config.js") && err.contains("node could not read"),
+        "{err}"
+    );
+    let no_script = home.file("apps.json", r#"{"apps": [{"name": "lost"}]}"#);
+    let err = home.fails(&["start", arg(&no_script)]);
+    assert!(
+        err.contains("app lost") && err.contains("`script` is missing"),
+        "{err}"
+    );
+    home.ok(&["delete", "all"]);
+    assert_groups_gone(&home.recorded_pgids());
+}
