@@ -191,6 +191,10 @@ pub struct StartArgs {
     /// gets the master's socket) or `fork` [default: cluster with more than one instance].
     #[arg(long, value_name = "MODE")]
     pub exec_mode: Option<String>,
+    /// Stop the app by a message instead of the stop signal (Node: `'shutdown'` in
+    /// `process.on('message')`, as with PM2); the signal follows after --kill-timeout.
+    #[arg(long)]
+    pub shutdown_with_message: bool,
 }
 
 /// `corral logs`.

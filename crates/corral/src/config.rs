@@ -153,6 +153,7 @@ pub(crate) struct Raw {
     pub wait_ready: Option<bool>,
     pub listen_timeout_ms: Option<u64>,
     pub exec_mode: Option<ExecMode>,
+    pub shutdown_with_message: Option<bool>,
 }
 
 /// `fork` or `cluster`.
@@ -247,6 +248,7 @@ pub(crate) fn build(
     spec.lb = raw.lb.unwrap_or(spec.lb);
     spec.wait_ready = raw.wait_ready.unwrap_or(false);
     spec.listen_timeout_ms = raw.listen_timeout_ms.unwrap_or(spec.listen_timeout_ms);
+    spec.shutdown_with_message = raw.shutdown_with_message.unwrap_or(false);
     // As PM2 does: a Node.js app with more than one instance is a cluster unless told otherwise.
     let node = spec
         .interpreter
@@ -336,6 +338,7 @@ pub fn spec_from_args(args: &StartArgs) -> Result<AppSpec> {
             .as_deref()
             .map(|m| parse_exec_mode(m).map_err(|e| anyhow!("--exec-mode: {e}")))
             .transpose()?,
+        shutdown_with_message: args.shutdown_with_message.then_some(true),
     };
     build(&args.script, &cwd, raw, &"start")
 }
@@ -424,6 +427,7 @@ struct ConfigApp {
     listen_timeout: Option<u64>,
     #[serde(default, deserialize_with = "exec_mode_field")]
     exec_mode: Option<ExecMode>,
+    shutdown_with_message: Option<bool>,
 }
 
 /// The apps of a `corral.toml`. Relative paths are relative to the file's directory.
@@ -472,6 +476,7 @@ pub fn specs_from_file(path: &Path) -> Result<Vec<AppSpec>> {
             wait_ready: app.wait_ready,
             listen_timeout_ms: app.listen_timeout,
             exec_mode: app.exec_mode,
+            shutdown_with_message: app.shutdown_with_message,
         };
         specs.push(build(&app.script, &cwd, raw, &origin)?);
     }

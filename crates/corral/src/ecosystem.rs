@@ -134,6 +134,7 @@ const KNOWN: &[&str] = &[
     "kill_timeout",
     "wait_ready",
     "listen_timeout",
+    "shutdown_with_message",
 ];
 
 /// One app: its spec, and the keys corral does not support.
@@ -234,6 +235,7 @@ fn app_spec(app: &Map<String, Value>, dir: &Path, origin: &str) -> Result<(AppSp
         exec_mode: text("exec_mode")?
             .map(|m| config::parse_exec_mode(&m).map_err(|e| bad("exec_mode", &e)))
             .transpose()?,
+        shutdown_with_message: flag("shutdown_with_message")?,
     };
     let left_out: Vec<String> = app
         .keys()

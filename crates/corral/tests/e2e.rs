@@ -1355,3 +1355,40 @@ fn an_ecosystem_file_starts_every_app_and_names_the_options_left_out() {
     home.ok(&["delete", "all"]);
     assert_groups_gone(&home.recorded_pgids());
 }
+
+#[test]
+fn shutdown_with_message_asks_a_node_app_to_leave_before_any_signal() {
+    let home = Home::new();
+    let script = home.file(
+        "polite.js",
+        r#"process.on('SIGTERM', () => { console.log('got SIGTERM'); process.exit(3); });
+process.on('message', (m) => {
+  if (m === 'shutdown') { console.log('got shutdown'); process.exit(0); }
+});
+console.log('polite up');
+setInterval(() => {}, 60000);
+"#,
+    );
+    home.ok(&[
+        "start",
+        arg(&script),
+        "--shutdown-with-message",
+        "--kill-timeout",
+        "5s",
+    ]);
+    home.wait_online("polite", 1);
+    home.wait_log("polite", 0, "out", "polite up");
+    home.ok(&["stop", "polite"]);
+    let log = home.log("polite", 0, "out");
+    assert!(
+        log.contains("got shutdown") && !log.contains("got SIGTERM"),
+        "{log}"
+    );
+    let list = home.instances("polite");
+    assert_eq!(
+        list[0]["last_exit"].as_str(),
+        Some("exited with code 0"),
+        "{}",
+        show(&list)
+    );
+}

@@ -249,6 +249,8 @@ struct Proc {
     conduit: Option<Arc<Conduit>>,
     /// A Node cluster worker: stopped by `disconnect` first.
     node_cluster: bool,
+    /// Stopped by a message first (`shutdown_with_message`).
+    stop_by_message: bool,
 }
 
 impl Proc {
@@ -259,6 +261,13 @@ impl Proc {
         self.stop_sent = true;
         let pid = self.pid;
         if let Some(conduit) = &self.conduit {
+            if self.stop_by_message && graceful {
+                match conduit.codec() {
+                    Codec::Node => conduit.send_line(|_| node::line(&"shutdown".into())),
+                    Codec::Corral => conduit.send(&MasterMessage::Shutdown),
+                }
+                return Event::SignalTimer { id, pid };
+            }
             if self.node_cluster && graceful {
                 conduit.send_line(node::disconnect);
                 return Event::SignalTimer { id, pid };
@@ -1162,6 +1171,7 @@ impl Supervisor {
         drop(command);
         let wait_ready = app.needs_ready();
         let codec = if node { Codec::Node } else { Codec::Corral };
+        let stop_by_message = spec.shutdown_with_message;
         let listen_timeout = Duration::from_millis(spec.listen_timeout_ms);
         let timestamps = spec.time;
         let min_uptime = Duration::from_millis(spec.min_uptime_ms);
@@ -1212,6 +1222,7 @@ impl Supervisor {
                     notify,
                     conduit,
                     node_cluster,
+                    stop_by_message,
                 });
                 inst.tracker.on_spawn(now);
                 inst.want_running = true;
@@ -1303,7 +1314,8 @@ impl Supervisor {
         if alive {
             let spec = &self.apps[a].spec;
             crate::log!(
-                "pid {pid} of app '{}' did not leave within {}ms of its disconnect: sending {}",
+                "pid {pid} of app '{}' did not exit within {}ms of being asked to leave (by a \
+                 message on its channel): sending {}",
                 spec.name,
                 spec.kill_timeout_ms,
                 Signal::describe(spec.stop_signal)

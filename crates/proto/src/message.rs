@@ -296,6 +296,11 @@ pub struct AppSpec {
     /// For Node.js apps: `cluster` makes corral their cluster primary.
     #[serde(default)]
     pub exec_mode: ExecMode,
+    /// Stop by a message on the channel (`'shutdown'` for Node apps, as PM2 sends it; the
+    /// `shutdown` frame for others) instead of the stop signal, which follows only after the
+    /// kill timeout.
+    #[serde(default)]
+    pub shutdown_with_message: bool,
 }
 
 /// How a Node.js app runs (PM2's `exec_mode`); other programs ignore it.
@@ -425,6 +430,7 @@ impl AppSpec {
             wait_ready: false,
             listen_timeout_ms: defaults::listen_timeout_ms(),
             exec_mode: ExecMode::Fork,
+            shutdown_with_message: false,
         }
     }
 }
