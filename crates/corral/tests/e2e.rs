@@ -1361,13 +1361,13 @@ fn shutdown_with_message_asks_a_node_app_to_leave_before_any_signal() {
     let home = Home::new();
     let script = home.file(
         "polite.js",
-        r#"process.on('SIGTERM', () => { console.log('got SIGTERM'); process.exit(3); });
+        r"process.on('SIGTERM', () => { console.log('got SIGTERM'); process.exit(3); });
 process.on('message', (m) => {
   if (m === 'shutdown') { console.log('got shutdown'); process.exit(0); }
 });
 console.log('polite up');
 setInterval(() => {}, 60000);
-"#,
+",
     );
     home.ok(&[
         "start",
