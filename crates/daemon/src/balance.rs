@@ -71,8 +71,8 @@ struct ConduitState {
     next: u64,
     /// Node: lines waiting for the handle in flight to be acknowledged.
     queue: VecDeque<Outgoing>,
-    /// Node: the connection whose handle is in flight (the master sends no other handles).
-    awaiting_ack: Option<u64>,
+    /// Node: the handle in flight, until the worker acknowledges it.
+    awaiting_ack: Option<InFlight>,
 }
 
 /// A Node line waiting its turn.
@@ -84,6 +84,18 @@ enum Outgoing {
         line: Vec<u8>,
         id: u64,
     },
+    /// A line sent with another descriptor (a shared listening socket).
+    Handle {
+        line: Vec<u8>,
+        fd: OwnedFd,
+    },
+}
+
+/// What a Node handle in flight carries.
+#[derive(Debug, Clone, Copy)]
+enum InFlight {
+    Connection(u64),
+    Other,
 }
 
 impl Conduit {
@@ -156,6 +168,18 @@ impl Conduit {
         self.pump(&mut state);
     }
 
+    /// Node: sends a line with descriptor `fd` attached, in its turn.
+    pub fn send_handle(self: &Arc<Self>, line: impl FnOnce(u64) -> Vec<u8>, fd: OwnedFd) {
+        let mut state = self.state();
+        if state.closed {
+            return;
+        }
+        state.next += 1;
+        let line = line(state.next);
+        state.queue.push_back(Outgoing::Handle { line, fd });
+        self.pump(&mut state);
+    }
+
     /// Hands `connection` to the worker, or gives it back when the worker cannot take it now (its
     /// channel is closed or full). `key` is the Node server it is for.
     fn give(self: &Arc<Self>, connection: Connection, key: Option<&str>) -> Result<(), Connection> {
@@ -200,6 +224,7 @@ impl Conduit {
             };
             let written = match &next {
                 Outgoing::Line(line) => self.try_write(state, line, None),
+                Outgoing::Handle { line, fd } => self.try_write(state, line, Some(fd)),
                 Outgoing::Connection { line, id } => {
                     let Some(connection) = state.given.get(id) else {
                         // Gone back to the balancer meanwhile.
@@ -213,11 +238,13 @@ impl Conduit {
                 }
             };
             match written {
-                Ok(()) => {
-                    if let Outgoing::Connection { id, .. } = next {
-                        state.awaiting_ack = Some(id);
+                Ok(()) => match next {
+                    Outgoing::Connection { id, .. } => {
+                        state.awaiting_ack = Some(InFlight::Connection(id));
                     }
-                }
+                    Outgoing::Handle { .. } => state.awaiting_ack = Some(InFlight::Other),
+                    Outgoing::Line(_) => {}
+                },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     state.queue.push_front(next);
                     self.ensure_flusher(state);
@@ -321,7 +348,7 @@ impl Conduit {
         let mut state = self.state();
         let in_flight = state.awaiting_ack.take();
         let lost = match in_flight {
-            Some(id) if !received => state.given.remove(&id),
+            Some(InFlight::Connection(id)) if !received => state.given.remove(&id),
             _ => None,
         };
         self.pump(&mut state);

@@ -82,6 +82,36 @@ pub struct BindError {
     pub errno: Option<i32>,
 }
 
+/// Binds a UDP socket (for Node's `dgram` in cluster mode), non-blocking.
+pub fn bind_udp(addr: SocketAddr) -> Result<Listener, BindError> {
+    let failed = |e: io::Error| BindError {
+        message: format!("cannot bind UDP {addr}: {e}"),
+        errno: e.raw_os_error(),
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(|e| failed(e.into()))?;
+    rustix::net::sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| failed(e.into()))?;
+    rustix::net::bind(&fd, &addr).map_err(|e| failed(e.into()))?;
+    let local = std::net::UdpSocket::from(fd);
+    let resolved = format!("udp:{}", local.local_addr().map_err(failed)?);
+    Ok(Listener {
+        given: addr.to_string(),
+        resolved,
+        fd: OwnedFd::from(local),
+        unix_path: None,
+    })
+}
+
 /// Binds and listens on `parsed` (`address` as the user wrote it, for messages).
 pub fn bind_parsed(address: &str, parsed: Address) -> Result<Listener, BindError> {
     let failed = |e: io::Error| {

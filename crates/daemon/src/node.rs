@@ -196,6 +196,43 @@ pub fn server_key(query: &Value) -> String {
     )
 }
 
+/// What a query asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Wanted {
+    /// A stream socket at this address, in corral's syntax (`[::]:80`, `unix:/path`).
+    Stream(String),
+    /// A UDP socket.
+    Datagram(std::net::SocketAddr),
+}
+
+/// What a query asks for, or the errno to answer with and why.
+pub fn wanted(query: &Value) -> Result<Wanted, (i32, String)> {
+    if let Some(Value::String(kind)) = query.get("addressType")
+        && (kind == "udp4" || kind == "udp6")
+    {
+        const EINVAL: i32 = 22;
+        let port = query.get("port").and_then(Value::as_u64).unwrap_or(0);
+        let port = u16::try_from(port).map_err(|_| (EINVAL, format!("port {port}")))?;
+        let ip: std::net::IpAddr = match query.get("address").and_then(Value::as_str) {
+            Some(ip) => ip.parse().map_err(|_| (EINVAL, format!("address {ip}")))?,
+            None if kind == "udp6" => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        };
+        return Ok(Wanted::Datagram((ip, port).into()));
+    }
+    listen_address(query).map(Wanted::Stream)
+}
+
+/// The answer to a `queryServer` in shared mode (and for UDP): the socket itself goes with this
+/// line (`kind` is `net.Native` or `dgram.Native`).
+pub fn shared_reply(kind: &str, key: &str, ack: u64, data: &Value, seq: u64) -> Vec<u8> {
+    line(&json!({
+        "cmd": "NODE_HANDLE",
+        "type": kind,
+        "msg": { "cmd": "NODE_CLUSTER", "errno": 0, "key": key, "ack": ack, "data": data, "seq": seq },
+    }))
+}
+
 /// Where a query asks to listen, in corral's address syntax, or the errno to answer with.
 pub fn listen_address(query: &Value) -> Result<String, (i32, String)> {
     const EINVAL: i32 = 22;

@@ -157,7 +157,11 @@ struct App {
 #[derive(Debug)]
 struct NodeServer {
     listener: Listener,
-    balancer: Arc<Balancer>,
+    /// Round robin: the master accepts and hands connections over. `None` when the socket
+    /// itself goes to the workers (`--lb shared`, UDP).
+    balancer: Option<Arc<Balancer>>,
+    /// In shared mode, Node's handle type for the socket.
+    shared: Option<&'static str>,
     accept_loops: Vec<AbortHandle>,
     /// The first worker's `data` (TLS ticket keys), given to every worker.
     data: serde_json::Value,
@@ -1368,46 +1372,64 @@ impl Supervisor {
         let app = &mut self.apps[a];
         if !app.node_servers.contains_key(&key) {
             match node_listen(query) {
-                Ok((address, listener)) => {
+                Ok((address, listener, datagram)) => {
                     crate::log!(
                         "app '{}' listens on {} (its workers' listen({address}))",
                         app.spec.name,
                         listener.resolved
                     );
-                    let least_conn = app.spec.lb == corral_proto::LbMode::LeastConn;
-                    let balancer = Balancer::new(&app.spec.name, least_conn, Some(key.clone()));
-                    let (to, origin) = (balancer.clone(), Arc::downgrade(&balancer));
-                    let accept_loops = crate::accept::serve(
-                        &app.spec.name,
-                        std::slice::from_ref(&listener),
-                        move |fd, listener| {
-                            let origin = origin.clone();
-                            to.dispatch(
-                                Connection {
-                                    fd,
-                                    listener,
-                                    origin,
-                                },
-                                None,
-                            );
-                        },
-                    );
-                    let sockname = listener
-                        .resolved
-                        .parse::<std::net::SocketAddr>()
-                        .ok()
-                        .map(node::sockname);
-                    app.node_servers.insert(
-                        key.clone(),
+                    let server = if datagram || app.spec.lb == corral_proto::LbMode::Shared {
+                        // The socket itself goes to every worker, as Node's SCHED_NONE does.
+                        let _ = corral_sys::fd::set_nonblocking(listener.fd.as_fd(), true);
+                        let kind = if datagram {
+                            "dgram.Native"
+                        } else {
+                            "net.Native"
+                        };
                         NodeServer {
                             listener,
-                            balancer,
+                            balancer: None,
+                            shared: Some(kind),
+                            accept_loops: Vec::new(),
+                            data,
+                            sockname: None,
+                            members: BTreeSet::new(),
+                        }
+                    } else {
+                        let least_conn = app.spec.lb == corral_proto::LbMode::LeastConn;
+                        let balancer = Balancer::new(&app.spec.name, least_conn, Some(key.clone()));
+                        let (to, origin) = (balancer.clone(), Arc::downgrade(&balancer));
+                        let accept_loops = crate::accept::serve(
+                            &app.spec.name,
+                            std::slice::from_ref(&listener),
+                            move |fd, listener| {
+                                let origin = origin.clone();
+                                to.dispatch(
+                                    Connection {
+                                        fd,
+                                        listener,
+                                        origin,
+                                    },
+                                    None,
+                                );
+                            },
+                        );
+                        let sockname = listener
+                            .resolved
+                            .parse::<std::net::SocketAddr>()
+                            .ok()
+                            .map(node::sockname);
+                        NodeServer {
+                            listener,
+                            balancer: Some(balancer),
+                            shared: None,
                             accept_loops,
                             data,
                             sockname,
                             members: BTreeSet::new(),
-                        },
-                    );
+                        }
+                    };
+                    app.node_servers.insert(key.clone(), server);
                 }
                 Err((errno, why)) => {
                     crate::log!(
@@ -1423,7 +1445,20 @@ impl Supervisor {
         let server = app.node_servers.get_mut(&key).expect("inserted above");
         server.members.insert(pid);
         let (data, sockname) = (server.data.clone(), server.sockname.clone());
-        conduit.send_line(|next| node::round_robin_reply(&key, seq, &data, sockname, next));
+        match server.shared {
+            Some(kind) => match server.listener.fd.try_clone() {
+                Ok(fd) => {
+                    conduit.send_handle(|next| node::shared_reply(kind, &key, seq, &data, next), fd)
+                }
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(24);
+                    conduit.send_line(|next| node::error_reply(&key, seq, &data, errno, next));
+                }
+            },
+            None => {
+                conduit.send_line(|next| node::round_robin_reply(&key, seq, &data, sockname, next))
+            }
+        }
     }
 
     fn kill_timer(&mut self, id: u32, pid: u32) {
@@ -1911,6 +1946,9 @@ impl Supervisor {
     fn update_routers(&self) {
         for app in &self.apps {
             for server in app.node_servers.values() {
+                let Some(balancer) = &server.balancer else {
+                    continue;
+                };
                 let ready = app
                     .instances
                     .iter()
@@ -1919,7 +1957,7 @@ impl Supervisor {
                     .filter(|p| server.members.contains(&p.pid))
                     .filter_map(|p| p.conduit.clone())
                     .collect();
-                server.balancer.set(ready);
+                balancer.set(ready);
             }
             if let Some(balancer) = &app.balancer {
                 let ready = app
@@ -2104,11 +2142,18 @@ impl Supervisor {
     }
 }
 
-/// Binds what a Node worker's `queryServer` asks for: its address (for the log) and the socket,
-/// or the errno for the worker and why.
-fn node_listen(query: &serde_json::Value) -> Result<(String, Listener), (i32, String)> {
+/// Binds what a Node worker's `queryServer` asks for: its address (for the log), the socket,
+/// and whether it is UDP; or the errno for the worker and why.
+fn node_listen(query: &serde_json::Value) -> Result<(String, Listener, bool), (i32, String)> {
     const EINVAL: i32 = 22;
-    let address = node::listen_address(query)?;
+    let address = match node::wanted(query)? {
+        node::Wanted::Datagram(addr) => {
+            return listeners::bind_udp(addr)
+                .map(|l| (format!("udp {addr}"), l, true))
+                .map_err(|e| (e.errno.unwrap_or(EINVAL), e.message));
+        }
+        node::Wanted::Stream(address) => address,
+    };
     let bind = |address: &str| {
         let parsed = listeners::parse(address).map_err(|why| (EINVAL, why))?;
         listeners::bind_parsed(address, parsed).map_err(|e| (e.errno.unwrap_or(EINVAL), e.message))
@@ -2117,9 +2162,9 @@ fn node_listen(query: &serde_json::Value) -> Result<(String, Listener), (i32, St
         // No IPv6 on this machine: every IPv4 interface, as Node falls back to.
         Err((97 | 99, _)) if address.starts_with("[::]:") => {
             let v4 = address.replacen("[::]", "0.0.0.0", 1);
-            bind(&v4).map(|l| (v4, l))
+            bind(&v4).map(|l| (v4, l, false))
         }
-        other => other.map(|l| (address, l)),
+        other => other.map(|l| (address, l, false)),
     }
 }
 
