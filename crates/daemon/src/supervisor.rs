@@ -1448,7 +1448,8 @@ impl Supervisor {
         match server.shared {
             Some(kind) => match server.listener.fd.try_clone() {
                 Ok(fd) => {
-                    conduit.send_handle(|next| node::shared_reply(kind, &key, seq, &data, next), fd)
+                    let reply = |next| node::shared_reply(kind, &key, seq, &data, next);
+                    conduit.send_handle(reply, fd);
                 }
                 Err(e) => {
                     let errno = e.raw_os_error().unwrap_or(24);
@@ -1456,7 +1457,8 @@ impl Supervisor {
                 }
             },
             None => {
-                conduit.send_line(|next| node::round_robin_reply(&key, seq, &data, sockname, next))
+                let reply = |next| node::round_robin_reply(&key, seq, &data, sockname, next);
+                conduit.send_line(reply);
             }
         }
     }
