@@ -1445,20 +1445,19 @@ impl Supervisor {
         let server = app.node_servers.get_mut(&key).expect("inserted above");
         server.members.insert(pid);
         let (data, sockname) = (server.data.clone(), server.sockname.clone());
-        match server.shared {
-            Some(kind) => match server.listener.fd.try_clone() {
-                Ok(fd) => {
-                    let reply = |next| node::shared_reply(kind, &key, seq, &data, next);
-                    conduit.send_handle(reply, fd);
-                }
-                Err(e) => {
-                    let errno = e.raw_os_error().unwrap_or(24);
-                    conduit.send_line(|next| node::error_reply(&key, seq, &data, errno, next));
-                }
-            },
-            None => {
-                let reply = |next| node::round_robin_reply(&key, seq, &data, sockname, next);
-                conduit.send_line(reply);
+        let Some(kind) = server.shared else {
+            let reply = |next| node::round_robin_reply(&key, seq, &data, sockname, next);
+            conduit.send_line(reply);
+            return;
+        };
+        match server.listener.fd.try_clone() {
+            Ok(fd) => {
+                let reply = |next| node::shared_reply(kind, &key, seq, &data, next);
+                conduit.send_handle(reply, fd);
+            }
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(24);
+                conduit.send_line(|next| node::error_reply(&key, seq, &data, errno, next));
             }
         }
     }
