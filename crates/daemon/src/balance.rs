@@ -458,6 +458,26 @@ impl Balancer {
         }
     }
 
+    /// Accepts on `listeners` and hands every connection out; the handles stop the loops.
+    pub fn serve(
+        self: &Arc<Self>,
+        app: &str,
+        listeners: &[crate::listeners::Listener],
+    ) -> Vec<tokio::task::AbortHandle> {
+        let balancer = self.clone();
+        crate::accept::serve(app, listeners, move |fd, listener| {
+            let origin = Arc::downgrade(&balancer);
+            balancer.dispatch(
+                Connection {
+                    fd,
+                    listener,
+                    origin,
+                },
+                None,
+            );
+        })
+    }
+
     /// Hands `connection` to a ready worker other than `except`, now or, when none can take it
     /// now, as soon as one can (for a while).
     pub fn dispatch(self: &Arc<Self>, connection: Connection, except: Option<u32>) {

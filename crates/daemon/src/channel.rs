@@ -47,24 +47,15 @@ async fn read_until_closed(
     // Workers say little: a small buffer, so that idle workers cost the daemon little memory.
     let mut chunk = vec![0u8; 4096];
     loop {
-        stream.readable().await.ok()?;
-        let received = stream.try_io(Interest::READABLE, || {
-            let mut fds = Vec::new();
-            let n = corral_sys::fd::recv_with_fds(stream.as_fd(), &mut chunk, &mut fds)?;
-            Ok((n, fds.len()))
-        });
-        let n = match received {
-            Ok((0, _)) => return None,
-            Ok((_, fds)) if fds > 0 => {
+        let n = match receive(stream, &mut chunk).await {
+            Ok(None) => return None,
+            Ok(Some((_, fds))) if fds > 0 => {
                 return Some(format!(
                     "it sent {fds} file descriptor(s), which workers may not send"
                 ));
             }
-            Ok((n, _)) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            // It closed its end with frames of ours unread (it exited): a close, not a fault.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
-            Err(e) => return Some(format!("reading it failed: {e}")),
+            Ok(Some((n, _))) => n,
+            Err(problem) => return Some(problem),
         };
         pending.extend_from_slice(&chunk[..n]);
         let messages = match drain_frames(&mut pending) {
@@ -93,6 +84,29 @@ async fn read_until_closed(
     }
 }
 
+/// One read from a worker: the bytes read into `chunk` and how many descriptors came (closed at
+/// once); `None` when it closed its end; the problem when reading failed.
+async fn receive(stream: &UnixStream, chunk: &mut [u8]) -> Result<Option<(usize, usize)>, String> {
+    loop {
+        if stream.readable().await.is_err() {
+            return Ok(None);
+        }
+        let received = stream.try_io(Interest::READABLE, || {
+            let mut fds = Vec::new();
+            let n = corral_sys::fd::recv_with_fds(stream.as_fd(), chunk, &mut fds)?;
+            Ok((n, fds.len()))
+        });
+        return match received {
+            Ok((0, _)) => Ok(None),
+            Ok(read) => Ok(Some(read)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // It closed its end with messages of ours unread (it exited): a close, not a fault.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(None),
+            Err(e) => Err(format!("reading it failed: {e}")),
+        };
+    }
+}
+
 /// The same for a Node worker: JSON lines ([`crate::node`]).
 async fn read_node_until_closed(
     conduit: &Arc<Conduit>,
@@ -103,22 +117,14 @@ async fn read_node_until_closed(
     let mut handles = 0usize;
     let mut chunk = vec![0u8; 4096];
     loop {
-        stream.readable().await.ok()?;
-        let received = stream.try_io(Interest::READABLE, || {
-            let mut fds = Vec::new();
-            let n = corral_sys::fd::recv_with_fds(stream.as_fd(), &mut chunk, &mut fds)?;
-            // Descriptors a worker sends (`process.send(msg, socket)`) are not kept.
-            Ok((n, fds.len()))
-        });
-        let n = match received {
-            Ok((0, _)) => return None,
-            Ok((n, fds)) => {
+        // Descriptors a worker sends (`process.send(msg, socket)`) are counted, not kept.
+        let n = match receive(stream, &mut chunk).await {
+            Ok(None) => return None,
+            Ok(Some((n, fds))) => {
                 handles += fds;
                 n
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
-            Err(e) => return Some(format!("reading it failed: {e}")),
+            Err(problem) => return Some(problem),
         };
         let start = pending.len();
         pending.extend_from_slice(&chunk[..n]);

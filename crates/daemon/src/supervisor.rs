@@ -19,7 +19,7 @@ use corral_sys::ExitKind;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::balance::{Balancer, Codec, Conduit, Connection};
+use crate::balance::{Balancer, Codec, Conduit};
 use crate::dump;
 use crate::home::Home;
 use crate::listeners::{self, Listener};
@@ -754,19 +754,7 @@ impl Supervisor {
             corral_proto::LbMode::RoundRobin | corral_proto::LbMode::LeastConn => {
                 let least_conn = spec.lb == corral_proto::LbMode::LeastConn;
                 let shared = Balancer::new(&spec.name, least_conn, None);
-                let to = shared.clone();
-                let origin = Arc::downgrade(&shared);
-                accept_loops = crate::accept::serve(&spec.name, &listeners, move |fd, listener| {
-                    let origin = origin.clone();
-                    to.dispatch(
-                        Connection {
-                            fd,
-                            listener,
-                            origin,
-                        },
-                        None,
-                    );
-                });
+                accept_loops = shared.serve(&spec.name, &listeners);
                 balancer = Some(shared);
             }
             corral_proto::LbMode::Shared => {}
@@ -1398,22 +1386,8 @@ impl Supervisor {
                     } else {
                         let least_conn = app.spec.lb == corral_proto::LbMode::LeastConn;
                         let balancer = Balancer::new(&app.spec.name, least_conn, Some(key.clone()));
-                        let (to, origin) = (balancer.clone(), Arc::downgrade(&balancer));
-                        let accept_loops = crate::accept::serve(
-                            &app.spec.name,
-                            std::slice::from_ref(&listener),
-                            move |fd, listener| {
-                                let origin = origin.clone();
-                                to.dispatch(
-                                    Connection {
-                                        fd,
-                                        listener,
-                                        origin,
-                                    },
-                                    None,
-                                );
-                            },
-                        );
+                        let accept_loops =
+                            balancer.serve(&app.spec.name, std::slice::from_ref(&listener));
                         let sockname = listener
                             .resolved
                             .parse::<std::net::SocketAddr>()
