@@ -250,15 +250,13 @@ pub(crate) fn build(
     spec.listen_timeout_ms = raw.listen_timeout_ms.unwrap_or(spec.listen_timeout_ms);
     spec.shutdown_with_message = raw.shutdown_with_message.unwrap_or(false);
     // As PM2 does: a Node.js app with more than one instance is a cluster unless told otherwise.
-    let node = spec
-        .interpreter
-        .as_deref()
-        .is_some_and(|i| Path::new(i).file_name().is_some_and(|n| n == "node"));
-    spec.exec_mode = raw.exec_mode.unwrap_or(if node && spec.instances > 1 {
-        ExecMode::Cluster
-    } else {
-        ExecMode::Fork
-    });
+    spec.exec_mode = raw
+        .exec_mode
+        .unwrap_or(if spec.runs_on_node() && spec.instances > 1 {
+            ExecMode::Cluster
+        } else {
+            ExecMode::Fork
+        });
     Ok(spec)
 }
 

@@ -173,12 +173,7 @@ pub fn app(info: &AppInfo) -> String {
             listen
         },
     );
-    let node_cluster = s.exec_mode == corral_proto::ExecMode::Cluster
-        && s.interpreter.as_deref().is_some_and(|i| {
-            std::path::Path::new(i)
-                .file_name()
-                .is_some_and(|n| n == "node")
-        });
+    let node_cluster = s.is_node_cluster();
     if node_cluster {
         field(
             "exec mode",

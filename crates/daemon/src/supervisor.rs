@@ -179,20 +179,6 @@ impl Drop for NodeServer {
     }
 }
 
-/// Whether the app runs under Node.js (its channel speaks Node's protocol).
-fn is_node(spec: &AppSpec) -> bool {
-    spec.interpreter.as_deref().is_some_and(|i| {
-        std::path::Path::new(i)
-            .file_name()
-            .is_some_and(|n| n == "node")
-    })
-}
-
-/// Whether corral is the app's Node cluster primary.
-fn is_node_cluster(spec: &AppSpec) -> bool {
-    is_node(spec) && spec.exec_mode == corral_proto::ExecMode::Cluster
-}
-
 impl Drop for App {
     fn drop(&mut self) {
         for task in &self.accept_loops {
@@ -207,7 +193,7 @@ impl App {
     fn needs_ready(&self) -> bool {
         self.spec.wait_ready
             || (self.spec.lb.over_channel() && !self.listeners.is_empty())
-            || is_node_cluster(&self.spec)
+            || self.spec.is_node_cluster()
     }
 
     fn policy(&self) -> RestartPolicy {
@@ -470,7 +456,7 @@ impl Supervisor {
                 let spec = &app.spec;
                 let what = if spec.wait_ready {
                     "did not say it is ready".to_string()
-                } else if is_node_cluster(spec) {
+                } else if spec.is_node_cluster() {
                     "did not listen (a Node.js cluster worker is ready when a server of its \
                      listens; one without a server runs with --exec-mode fork)"
                         .to_string()
@@ -1100,8 +1086,8 @@ impl Supervisor {
             shim
         };
         let channel_fd = 3 + listen_fds.len() as i32;
-        let node = is_node(spec);
-        let node_cluster = is_node_cluster(spec);
+        let node = spec.runs_on_node();
+        let node_cluster = spec.is_node_cluster();
         command
             .args(&args)
             .current_dir(&spec.cwd)
@@ -2191,7 +2177,7 @@ pub fn validate(spec: &AppSpec) -> Result<(), String> {
     for address in &spec.listen {
         listeners::parse(address)?;
     }
-    if is_node_cluster(spec) && !spec.listen.is_empty() {
+    if spec.is_node_cluster() && !spec.listen.is_empty() {
         return Err(
             "a Node.js cluster app listens where its code calls listen(), on sockets corral \
              binds for it: drop --listen (or run it with --exec-mode fork --lb shared and \

@@ -303,6 +303,30 @@ pub struct AppSpec {
     pub shutdown_with_message: bool,
 }
 
+impl AppSpec {
+    /// Whether the app runs under Node.js: its interpreter is `node`, `nodejs` or `node` and a
+    /// version (`node18`), by file name.
+    pub fn runs_on_node(&self) -> bool {
+        self.interpreter.as_deref().is_some_and(|i| {
+            let name = std::path::Path::new(i)
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            name == "nodejs"
+                || name.strip_prefix("node").is_some_and(|version| {
+                    version
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || c == '.' || c == '-')
+                })
+        })
+    }
+
+    /// Whether corral is the app's Node.js cluster primary.
+    pub fn is_node_cluster(&self) -> bool {
+        self.runs_on_node() && self.exec_mode == ExecMode::Cluster
+    }
+}
+
 /// How a Node.js app runs (PM2's `exec_mode`); other programs ignore it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -532,4 +556,27 @@ pub struct LogLine {
     pub stream: Stream,
     /// The line, without its newline (invalid UTF-8 replaced).
     pub line: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_is_known_by_its_interpreter_s_name() {
+        let spec = |interpreter: &str| {
+            let mut spec = AppSpec::new("a".into(), "/a.js".into(), "/".into());
+            spec.interpreter = Some(interpreter.into());
+            spec
+        };
+        for node in ["node", "/usr/bin/nodejs", "node18", "/opt/bin/node22.1"] {
+            assert!(spec(node).runs_on_node(), "{node}");
+        }
+        for other in ["nodemon", "python3", "/usr/bin/deno"] {
+            assert!(!spec(other).runs_on_node(), "{other}");
+        }
+        let mut cluster = spec("node");
+        cluster.exec_mode = ExecMode::Cluster;
+        assert!(cluster.is_node_cluster());
+    }
 }
