@@ -3,7 +3,7 @@
 //! channel), on TCP ports the kernel picks or fixed ones, plain `net` servers, Unix socket paths,
 //! several servers per worker, `cluster.isWorker` and `cluster.worker.id`, `process.send` and
 //! `corral send`, `EADDRINUSE` raised in the app, reloads under load, a worker stuck in its
-//! `disconnect`, and Node apps in fork mode.
+//! `disconnect`, Node apps in fork mode, `--lb shared` (Node's SCHED_NONE) and UDP servers.
 //!
 //! The fixtures are JavaScript programs written into each test's own directory. The `node` they
 //! run on is `$CORRAL_TEST_NODE` when set (CI runs this file on Node 18 and 22 that way), else
@@ -722,4 +722,85 @@ fn the_node_under_test_runs() {
         name, "node",
         "corral treats an interpreter as Node.js by its file name `node`"
     );
+}
+
+/// A UDP server: every datagram is answered `pid N echo <datagram>`.
+const UDP_JS: &str = r"
+const dgram = require('dgram');
+const socket = dgram.createSocket('udp4');
+socket.on('message', (msg, from) => socket.send(`pid ${process.pid} echo ${msg}`, from.port, from.address));
+socket.bind(0, '127.0.0.1');
+";
+
+#[test]
+fn with_lb_shared_every_worker_gets_the_listening_socket_itself() {
+    let home = Home::new();
+    start_js(&home, "web", HTTP_JS, &["-i", "2", "--lb", "shared"]);
+    let instances = home.wait_online("web", 2);
+    let addr = address_of(&instances);
+    answered_by_all(&pids_of(&instances), || get(addr));
+    // The master holds the socket but never accepts on it: it passed it on (Node's SCHED_NONE),
+    // so each worker has a listening socket of its own among its descriptors.
+    for pid in pids_of(&instances) {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the worker's fds");
+        let inodes: Vec<String> = fds
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .map(|target| target.to_string_lossy().into_owned())
+            .filter(|t| t.starts_with("socket:"))
+            .collect();
+        let tcp6 = std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let port = format!(":{:04X} ", addr.port());
+        let listening = tcp6.lines().chain(tcp.lines()).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local address, state 0A (LISTEN), inode
+            fields.len() > 9
+                && fields[1].ends_with(port.trim_end())
+                && fields[3] == "0A"
+                && inodes.contains(&format!("socket:[{}]", fields[9]))
+        });
+        assert!(
+            listening,
+            "pid {pid} holds the listening socket of port {}",
+            addr.port()
+        );
+    }
+    delete_all(&home);
+}
+
+#[test]
+fn a_udp_server_gets_the_bound_socket_and_every_worker_answers() {
+    let home = Home::new();
+    start_js(&home, "udp", UDP_JS, &["-i", "2"]);
+    let instances = home.wait_online("udp", 2);
+    let listen = listen_of(&instances[0]);
+    let port: u16 = listen
+        .iter()
+        .find_map(|l| l.strip_prefix("udp:127.0.0.1:")?.parse().ok())
+        .unwrap_or_else(|| panic!("a udp address in {listen:?}"));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a client socket");
+    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let expected: BTreeSet<u32> = pids_of(&instances).into_iter().collect();
+    let mut seen = BTreeSet::new();
+    for n in 0..200 {
+        if seen == expected {
+            break;
+        }
+        socket
+            .send_to(format!("ping{n}").as_bytes(), ("127.0.0.1", port))
+            .expect("sending a datagram");
+        let mut answer = [0u8; 256];
+        let len = socket.recv(&mut answer).expect("an answer");
+        let text = String::from_utf8_lossy(&answer[..len]).into_owned();
+        assert!(text.ends_with(&format!("echo ping{n}")), "{text}");
+        let pid: u32 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("a pid in {text:?}"));
+        assert!(expected.contains(&pid), "{pid} is not one of {expected:?}");
+        seen.insert(pid);
+    }
+    assert_eq!(seen, expected, "every worker answered a datagram");
+    delete_all(&home);
 }
