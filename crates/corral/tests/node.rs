@@ -3,7 +3,7 @@
 //! channel), on TCP ports the kernel picks or fixed ones, plain `net` servers, Unix socket paths,
 //! several servers per worker, `cluster.isWorker` and `cluster.worker.id`, `process.send` and
 //! `corral send`, `EADDRINUSE` raised in the app, reloads under load, a worker stuck in its
-//! `disconnect`, Node apps in fork mode, `--lb shared` (Node's SCHED_NONE) and UDP servers.
+//! `disconnect`, Node apps in fork mode, `--lb shared` (Node's `SCHED_NONE`) and UDP servers.
 //!
 //! The fixtures are JavaScript programs written into each test's own directory. The `node` they
 //! run on is `$CORRAL_TEST_NODE` when set (CI runs this file on Node 18 and 22 that way), else

@@ -191,3 +191,20 @@ fn the_rust_worker_runs_alone_and_drains_on_sigterm() {
     });
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn corral_send_reaches_the_rust_worker() {
+    let home = Home::new();
+    start_hello(&home, "hello", &["--listen", "127.0.0.1:0"]);
+    home.ok(&["send", "hello", r#"{"cmd":"refresh"}"#]);
+    for instance in 0..2 {
+        home.wait_log(
+            "hello",
+            instance,
+            "err",
+            r#"message from corral: {"cmd":"refresh"}"#,
+        );
+    }
+    home.ok(&["delete", "hello"]);
+    assert_groups_gone(&home.recorded_pgids());
+}

@@ -52,6 +52,13 @@ async fn main() -> std::io::Result<()> {
             close_when_draining,
         ));
 
+    // Messages from `corral send hello <json>` go to the log.
+    tokio::spawn(async {
+        while let Some(message) = corral_worker::tokio::message().await {
+            eprintln!("message from corral: {message}");
+        }
+    });
+
     let (live, mut live_count) = watch::channel(0usize);
     let (close_idle, idle_closed) = watch::channel(false);
     let server = Server {

@@ -32,6 +32,9 @@ struct Inbox {
     closed: bool,
     /// The one async consumer waiting for a connection (the latest poll's waker).
     connection_waker: Option<Waker>,
+    /// Messages from the master (`corral send`), oldest first, at most [`MAX_MESSAGES`].
+    messages: VecDeque<serde_json::Value>,
+    message_waker: Option<Waker>,
 }
 
 #[derive(Debug)]
@@ -49,6 +52,9 @@ pub(crate) struct Channel {
 }
 
 static CHANNEL: OnceLock<Option<Channel>> = OnceLock::new();
+
+/// Messages kept for the program before the oldest are dropped (it is not reading them).
+const MAX_MESSAGES: usize = 4096;
 
 /// The channel, when corral gave this process one (taken once, on first use).
 pub(crate) fn get() -> Option<&'static Channel> {
@@ -197,7 +203,16 @@ impl Channel {
             }
             MasterMessage::Shutdown => self.shut_down(),
             // Not taken by this version of the library.
-            MasterMessage::Message { .. } => {}
+            MasterMessage::Message { ref data } => {
+                let mut inbox = self.inbox();
+                if inbox.messages.len() == MAX_MESSAGES {
+                    inbox.messages.pop_front();
+                }
+                inbox.messages.push_back(data.clone());
+                wake(&mut inbox.message_waker);
+                drop(inbox);
+                self.changed.notify_all();
+            }
         }
     }
 
@@ -205,6 +220,7 @@ impl Channel {
         let mut inbox = self.inbox();
         inbox.closed = true;
         wake(&mut inbox.connection_waker);
+        wake(&mut inbox.message_waker);
         drop(inbox);
         self.changed.notify_all();
     }
@@ -261,6 +277,48 @@ impl Channel {
                 }
             };
         }
+    }
+
+    /// The next message from the master, waiting at most `timeout` (for ever with `None`);
+    /// `None` when the time ran out or the master is gone.
+    pub fn message_blocking(&self, timeout: Option<Duration>) -> Option<serde_json::Value> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut inbox = self.inbox();
+        loop {
+            if let Some(message) = inbox.messages.pop_front() {
+                return Some(message);
+            }
+            if inbox.closed {
+                return None;
+            }
+            inbox = match deadline {
+                None => self
+                    .changed
+                    .wait(inbox)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.checked_duration_since(std::time::Instant::now())?;
+                    self.changed
+                        .wait_timeout(inbox, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+
+    /// As [`Channel::message_blocking`], for async callers (the one consumer).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn poll_message(&self, cx: &mut Context<'_>) -> Poll<Option<serde_json::Value>> {
+        let mut inbox = self.inbox();
+        if let Some(message) = inbox.messages.pop_front() {
+            return Poll::Ready(Some(message));
+        }
+        if inbox.closed {
+            return Poll::Ready(None);
+        }
+        inbox.message_waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     /// As [`Channel::next_blocking`], for async callers.
@@ -462,6 +520,27 @@ mod tests {
             channel
                 .next_blocking(Some(Duration::from_secs(1)))
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn messages_from_the_master_wait_for_the_program() {
+        let (channel, mut master) = channel();
+        master
+            .write_all(&frame(r#"{"type":"message","data":{"cmd":"refresh"}}"#))
+            .unwrap();
+        master
+            .write_all(&frame(r#"{"type":"message","data":2}"#))
+            .unwrap();
+        let first = channel.message_blocking(Some(Duration::from_secs(10)));
+        assert_eq!(first, Some(serde_json::json!({"cmd": "refresh"})));
+        assert_eq!(
+            channel.message_blocking(Some(Duration::from_secs(10))),
+            Some(serde_json::json!(2))
+        );
+        assert_eq!(
+            channel.message_blocking(Some(Duration::from_millis(1))),
+            None
         );
     }
 

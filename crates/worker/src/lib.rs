@@ -162,6 +162,15 @@ pub fn send(data: serde_json::Value) -> io::Result<()> {
     send_message(&WorkerMessage::Message { data })
 }
 
+/// The next message the master sent this worker (`corral send <app> <json>`), waiting at most
+/// `timeout` (for ever with `None`); `None` when none came in time, when the master is gone, or
+/// outside corral. With the `tokio` feature, [`tokio::message`] waits without blocking.
+pub fn message(timeout: Option<std::time::Duration>) -> Option<serde_json::Value> {
+    let channel = channel::get()?;
+    channel.listen();
+    channel.message_blocking(timeout)
+}
+
 /// Makes a panic send a going-down notice (with the panic message) before the usual panic
 /// output, so corral starts the replacement while this process unwinds.
 pub fn install_panic_hook() {

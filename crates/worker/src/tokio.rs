@@ -186,6 +186,18 @@ pub async fn shutdown() {
     }
 }
 
+/// The next message the master sent this worker (`corral send <app> <json>`); `None` when the
+/// master is gone. Outside corral it never completes.
+pub async fn message() -> Option<serde_json::Value> {
+    match channel::get() {
+        Some(channel) => {
+            channel.listen();
+            std::future::poll_fn(|cx| channel.poll_message(cx)).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// One client connection. In `least-conn` mode, dropping it tells the master it closed.
 #[derive(Debug)]
 pub struct Stream {
