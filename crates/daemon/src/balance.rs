@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -71,8 +71,10 @@ struct ConduitState {
     next: u64,
     /// Node: lines waiting for the handle in flight to be acknowledged.
     queue: VecDeque<Outgoing>,
-    /// Node: the handle in flight, until the worker acknowledges it.
-    awaiting_ack: Option<InFlight>,
+    /// Node: the handles sent and not yet acknowledged, oldest first (answers come in order).
+    in_flight: VecDeque<InFlight>,
+    /// Node: a handle line went out in pieces: no other handle until every one is answered.
+    wait_for_answers: bool,
 }
 
 /// A Node line waiting its turn.
@@ -90,6 +92,9 @@ enum Outgoing {
         fd: OwnedFd,
     },
 }
+
+/// Node handles sent ahead of their answers, per worker.
+const MAX_HANDLES_IN_FLIGHT: usize = 16;
 
 /// What a Node handle in flight carries.
 #[derive(Debug, Clone, Copy)]
@@ -215,36 +220,54 @@ impl Conduit {
         }
     }
 
-    /// Node: writes queued lines until a handle is in flight, the socket is full, or none is
-    /// left.
+    /// Node: writes queued lines until the socket is full, too many handles wait for their
+    /// answer, or none is left.
+    ///
+    /// Handles are pipelined, unlike Node's own primary, which waits for each `NODE_HANDLE_ACK`:
+    /// a line that carries a descriptor is written whole by one `sendmsg`, and a Unix stream
+    /// socket's `recvmsg` ends right after the bytes that carried descriptors, so each of Node's
+    /// reads brings at most one descriptor, with the line it belongs to. If such a line goes out
+    /// in pieces, handles wait until every one sent is answered, as Node does.
     fn pump(self: &Arc<Self>, state: &mut ConduitState) {
-        while state.unsent.is_empty() && state.awaiting_ack.is_none() && !state.closed {
-            let Some(next) = state.queue.pop_front() else {
+        while state.unsent.is_empty() && !state.closed {
+            let Some(next) = state.queue.front() else {
                 return;
             };
+            let handle = !matches!(next, Outgoing::Line(_));
+            if handle && (state.wait_for_answers || state.in_flight.len() >= MAX_HANDLES_IN_FLIGHT)
+            {
+                return;
+            }
+            let next = state.queue.pop_front().expect("looked at above");
             let written = match &next {
-                Outgoing::Line(line) => self.try_write(state, line, None),
-                Outgoing::Handle { line, fd } => self.try_write(state, line, Some(fd)),
+                Outgoing::Line(line) => self.send_bytes(line, None).map(|n| (n, line)),
+                Outgoing::Handle { line, fd } => {
+                    self.send_bytes(line, Some(fd.as_fd())).map(|n| (n, line))
+                }
                 Outgoing::Connection { line, id } => {
                     let Some(connection) = state.given.get(id) else {
                         // Gone back to the balancer meanwhile.
                         continue;
                     };
-                    let fd = connection.fd.try_clone();
-                    match fd {
-                        Ok(fd) => self.try_write(state, line, Some(&fd)),
-                        Err(e) => Err(e),
-                    }
+                    self.send_bytes(line, Some(connection.fd.as_fd()))
+                        .map(|n| (n, line))
                 }
             };
             match written {
-                Ok(()) => match next {
-                    Outgoing::Connection { id, .. } => {
-                        state.awaiting_ack = Some(InFlight::Connection(id));
+                Ok((n, line)) => {
+                    if n < line.len() {
+                        state.unsent.extend_from_slice(&line[n..]);
+                        state.wait_for_answers |= handle;
+                        self.ensure_flusher(state);
                     }
-                    Outgoing::Handle { .. } => state.awaiting_ack = Some(InFlight::Other),
-                    Outgoing::Line(_) => {}
-                },
+                    match next {
+                        Outgoing::Connection { id, .. } => {
+                            state.in_flight.push_back(InFlight::Connection(id));
+                        }
+                        Outgoing::Handle { .. } => state.in_flight.push_back(InFlight::Other),
+                        Outgoing::Line(_) => {}
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     state.queue.push_front(next);
                     self.ensure_flusher(state);
@@ -258,6 +281,14 @@ impl Conduit {
         }
     }
 
+    /// One `sendmsg` of `bytes`, with `fd` on the first byte: how many bytes went.
+    fn send_bytes(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<usize> {
+        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        self.stream.try_io(Interest::WRITABLE, || {
+            corral_sys::fd::send_with_fds(self.stream.as_fd(), bytes, &fds)
+        })
+    }
+
     /// Writes `bytes` (with `fd` on the first byte), keeping what the socket did not take.
     fn try_write(
         self: &Arc<Self>,
@@ -265,10 +296,7 @@ impl Conduit {
         bytes: &[u8],
         fd: Option<&OwnedFd>,
     ) -> io::Result<()> {
-        let fds: Vec<_> = fd.iter().map(|fd| fd.as_fd()).collect();
-        let n = self.stream.try_io(Interest::WRITABLE, || {
-            corral_sys::fd::send_with_fds(self.stream.as_fd(), bytes, &fds)
-        })?;
+        let n = self.send_bytes(bytes, fd.map(AsFd::as_fd))?;
         if n < bytes.len() {
             state.unsent.extend_from_slice(&bytes[n..]);
             self.ensure_flusher(state);
@@ -346,8 +374,11 @@ impl Conduit {
     /// not arrive goes to another worker.
     pub fn handle_answered(self: &Arc<Self>, received: bool) {
         let mut state = self.state();
-        let in_flight = state.awaiting_ack.take();
-        let lost = match in_flight {
+        let answered = state.in_flight.pop_front();
+        if state.in_flight.is_empty() {
+            state.wait_for_answers = false;
+        }
+        let lost = match answered {
             Some(InFlight::Connection(id)) if !received => state.given.remove(&id),
             _ => None,
         };
@@ -391,6 +422,7 @@ impl Conduit {
             state.closed = true;
             state.unsent.clear();
             state.queue.clear();
+            state.in_flight.clear();
             state.given.drain().map(|(_, c)| c).collect()
         };
         if !unaccepted.is_empty() {
