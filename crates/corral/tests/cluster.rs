@@ -8,6 +8,8 @@
 //! server that answers every request with its pid, in any of the modes, and `chan.py`, the
 //! worker's end of the channel.
 
+// Shared by the cluster test files; each uses part of it.
+#[allow(dead_code)]
 mod http;
 mod support;
 
@@ -360,30 +362,6 @@ while True:
 fn fixture(home: &Home, name: &str, content: &str) -> PathBuf {
     home.file("chan.py", CHAN_PY);
     home.file(name, content)
-}
-
-fn ids_of(instances: &[Value]) -> Vec<u64> {
-    instances.iter().filter_map(|i| i["id"].as_u64()).collect()
-}
-
-fn daemon_log(home: &Home) -> String {
-    std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default()
-}
-
-/// Waits until daemon.log holds `needle`; returns it.
-fn wait_daemon_log(home: &Home, needle: &str) -> String {
-    wait_until(
-        Duration::from_secs(20),
-        &format!("daemon.log contains {needle:?}"),
-        || {
-            let text = daemon_log(home);
-            if text.contains(needle) {
-                Ok(text)
-            } else {
-                Err(text)
-            }
-        },
-    )
 }
 
 /// How connections reach the workers of `web.py`; it is told which in `WEB_LB`, and checks that

@@ -9,6 +9,8 @@
 //! run on is `$CORRAL_TEST_NODE` when set (CI runs this file on Node 18 and 22 that way), else
 //! `node` from `PATH`; corral treats an interpreter named `node` as Node.js.
 
+// Shared by the cluster test files; each uses part of it.
+#[allow(dead_code)]
 mod http;
 // The harness serves every test file; this one uses only part of it.
 #[allow(dead_code)]
@@ -128,30 +130,6 @@ fn start_js(home: &Home, name: &str, content: &str, args: &[&str]) {
     home.ok(&all);
 }
 
-fn ids_of(instances: &[Value]) -> Vec<u64> {
-    instances.iter().filter_map(|i| i["id"].as_u64()).collect()
-}
-
-fn daemon_log(home: &Home) -> String {
-    std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default()
-}
-
-/// Waits until daemon.log holds `needle`; returns it.
-fn wait_daemon_log(home: &Home, needle: &str) -> String {
-    wait_until(
-        Duration::from_secs(20),
-        &format!("daemon.log contains {needle:?}"),
-        || {
-            let text = daemon_log(home);
-            if text.contains(needle) {
-                Ok(text)
-            } else {
-                Err(text)
-            }
-        },
-    )
-}
-
 /// Where to connect to reach `addr`: the loopback address when it is a wildcard (`[::]` is
 /// dual stack, so 127.0.0.1 reaches it, as it reaches 0.0.0.0).
 fn reachable(addr: SocketAddr) -> SocketAddr {
@@ -167,44 +145,9 @@ fn address_of(instances: &[Value]) -> SocketAddr {
     reachable(tcp_address(instances))
 }
 
-/// Sends requests until every pid of `expected` has answered (and no other pid did).
-fn answered_by_all(expected: &[u32], mut get: impl FnMut() -> Result<u32, String>) {
-    let expected: BTreeSet<u32> = expected.iter().copied().collect();
-    assert!(!expected.is_empty(), "no worker to ask");
-    let mut seen = BTreeSet::new();
-    wait_until(
-        Duration::from_secs(20),
-        "every worker answered",
-        || -> Result<(), String> {
-            let pid = get()?;
-            if !expected.contains(&pid) {
-                return Err(format!("{pid} answered; the workers are {expected:?}"));
-            }
-            seen.insert(pid);
-            if seen == expected {
-                Ok(())
-            } else {
-                Err(format!("answered so far: {seen:?} of {expected:?}"))
-            }
-        },
-    );
-}
-
 /// The whole answer to one request on a new TCP connection: (body, pid that answered).
 fn body_of(addr: SocketAddr) -> Result<(String, u32), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(IO_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(CLOSE_REQUEST)
-        .map_err(|e| format!("sending the request: {e}"))?;
-    let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .map_err(|e| format!("reading the answer: {e} (got {answer:?})"))?;
+    let answer = answer(connect(addr)?)?;
     let pid = pid_in_answer(&answer)?;
     let text = String::from_utf8_lossy(&answer);
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
@@ -509,21 +452,7 @@ fn reloads_under_load_lose_no_request_on_new_connections() {
     let instances = home.wait_online("web", 2);
     let addr = address_of(&instances);
     let before = pids_of(&instances);
-    let load = Load::start(addr, 3, false);
-    load.wait_answered(30);
-    for round in 1..=5 {
-        let answered = load.answered();
-        home.ok(&["reload", "web"]);
-        // Every new process serves before the next round.
-        load.wait_answered(answered + 30);
-        assert!(
-            load.tally.failures().is_empty(),
-            "round {round}: {:?}",
-            load.tally.failures()
-        );
-    }
-    let tally = load.finish();
-    assert!(tally.failures().is_empty(), "{:?}", tally.failures());
+    let tally = reload_rounds(&home, "web", Load::start(addr, 3, false), 5);
     let after = home.wait_online("web", 2);
     let after = pids_of(&after);
     assert!(

@@ -5,12 +5,13 @@
 //! The example is built by `cargo test --workspace` (this package enables the library's `tokio`
 //! feature, which the example requires) next to this test's own binary.
 
+// Shared by the cluster test files; each uses part of it.
+#[allow(dead_code)]
 mod http;
 // The harness serves every test file; this one uses only part of it.
 #[allow(dead_code)]
 mod support;
 
-use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -45,28 +46,6 @@ fn start_hello(home: &Home, name: &str, args: &[&str]) -> Vec<serde_json::Value>
     home.wait_online(name, 2)
 }
 
-/// Sends requests on new connections until every pid of `expected` has answered.
-fn answered_by_all(expected: &[u32], mut get: impl FnMut() -> Result<u32, String>) {
-    let expected: BTreeSet<u32> = expected.iter().copied().collect();
-    let mut seen = BTreeSet::new();
-    wait_until(
-        Duration::from_secs(20),
-        "every worker answered",
-        || -> Result<(), String> {
-            let pid = get()?;
-            if !expected.contains(&pid) {
-                return Err(format!("{pid} answered; the workers are {expected:?}"));
-            }
-            seen.insert(pid);
-            if seen == expected {
-                Ok(())
-            } else {
-                Err(format!("answered so far: {seen:?} of {expected:?}"))
-            }
-        },
-    );
-}
-
 #[test]
 fn the_rust_worker_serves_in_every_mode() {
     let home = Home::new();
@@ -91,21 +70,7 @@ fn reloads_lose_no_request(lb: &str, keep_alive: bool) {
     let instances = start_hello(&home, "hello", &["--listen", "127.0.0.1:0", "--lb", lb]);
     let addr = tcp_address(&instances);
     let before = pids_of(&instances);
-    let load = Load::start(addr, 3, keep_alive);
-    load.wait_answered(30);
-    for round in 1..=5 {
-        let answered = load.answered();
-        home.ok(&["reload", "hello"]);
-        // Every new process serves before the next round.
-        load.wait_answered(answered + 30);
-        assert!(
-            load.tally.failures().is_empty(),
-            "round {round}: {:?}",
-            load.tally.failures()
-        );
-    }
-    let tally = load.finish();
-    assert!(tally.failures().is_empty(), "{:?}", tally.failures());
+    let tally = reload_rounds(&home, "hello", Load::start(addr, 3, keep_alive), 5);
     let after = pids_of(&home.instances("hello"));
     assert!(
         after.iter().all(|pid| !before.contains(pid)),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{pid, show, wait_until};
+use crate::support::{Home, pid, show, wait_until};
 
 pub const CLOSE_REQUEST: &[u8] =
     b"GET / HTTP/1.1\r\nHost: corral-test\r\nConnection: close\r\n\r\n";
@@ -39,8 +39,8 @@ pub fn pid_in_answer(answer: &[u8]) -> Result<u32, String> {
         .map_err(|e| format!("the body names no pid ({e}): {text:?}"))
 }
 
-/// One request on a new connection, the answer read until the server closes it.
-pub fn exchange(mut stream: impl Read + Write) -> Result<u32, String> {
+/// One request on a new connection: the whole answer, read until the server closes it.
+pub fn answer(mut stream: impl Read + Write) -> Result<Vec<u8>, String> {
     stream
         .write_all(CLOSE_REQUEST)
         .map_err(|e| format!("sending the request: {e}"))?;
@@ -48,18 +48,28 @@ pub fn exchange(mut stream: impl Read + Write) -> Result<u32, String> {
     stream
         .read_to_end(&mut answer)
         .map_err(|e| format!("reading the answer: {e} (got {answer:?})"))?;
-    pid_in_answer(&answer)
+    Ok(answer)
 }
 
-/// One request to a TCP address on a new connection; the pid that answered.
-pub fn get(addr: SocketAddr) -> Result<u32, String> {
+/// One request on a new connection; the pid that answered.
+pub fn exchange(stream: impl Read + Write) -> Result<u32, String> {
+    pid_in_answer(&answer(stream)?)
+}
+
+/// A new TCP connection to `addr`, with time limits on reads and writes.
+pub fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
     let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
     stream
         .set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(|e| e.to_string())?;
-    exchange(stream)
+    Ok(stream)
+}
+
+/// One request to a TCP address on a new connection; the pid that answered.
+pub fn get(addr: SocketAddr) -> Result<u32, String> {
+    exchange(connect(addr)?)
 }
 
 /// One request to a Unix socket on a new connection; the pid that answered.
@@ -101,13 +111,7 @@ impl KeepAliveClient {
 
     fn exchange(&mut self) -> Result<u32, String> {
         if self.connection.is_none() {
-            let stream = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT)
-                .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
-            stream
-                .set_read_timeout(Some(IO_TIMEOUT))
-                .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
-                .map_err(|e| e.to_string())?;
-            self.connection = Some(BufReader::new(stream));
+            self.connection = Some(BufReader::new(connect(self.addr)?));
             self.opened += 1;
         }
         let number = self.opened;
@@ -300,4 +304,72 @@ pub fn tcp_address(instances: &[Value]) -> SocketAddr {
 
 pub fn pids_of(instances: &[Value]) -> Vec<u32> {
     instances.iter().filter_map(pid).collect()
+}
+
+/// The instance ids of `ls --json` rows.
+pub fn ids_of(instances: &[Value]) -> Vec<u64> {
+    instances.iter().filter_map(|i| i["id"].as_u64()).collect()
+}
+
+/// The daemon's log so far.
+pub fn daemon_log(home: &Home) -> String {
+    std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default()
+}
+
+/// Waits until daemon.log holds `needle`; returns it.
+pub fn wait_daemon_log(home: &Home, needle: &str) -> String {
+    wait_until(
+        Duration::from_secs(20),
+        &format!("daemon.log contains {needle:?}"),
+        || {
+            let text = daemon_log(home);
+            if text.contains(needle) {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+    )
+}
+
+/// Sends requests until every pid of `expected` has answered (and no other pid did).
+pub fn answered_by_all(expected: &[u32], mut get: impl FnMut() -> Result<u32, String>) {
+    let expected: BTreeSet<u32> = expected.iter().copied().collect();
+    assert!(!expected.is_empty(), "no worker to ask");
+    let mut seen = BTreeSet::new();
+    wait_until(
+        Duration::from_secs(20),
+        "every worker answered",
+        || -> Result<(), String> {
+            let pid = get()?;
+            if !expected.contains(&pid) {
+                return Err(format!("{pid} answered; the workers are {expected:?}"));
+            }
+            seen.insert(pid);
+            if seen == expected {
+                Ok(())
+            } else {
+                Err(format!("answered so far: {seen:?} of {expected:?}"))
+            }
+        },
+    );
+}
+
+/// `rounds` reloads of `app` while `load` runs, each new process serving before the next round;
+/// not one request may fail. Returns what the clients saw.
+pub fn reload_rounds(home: &Home, app: &str, load: Load, rounds: usize) -> Arc<Tally> {
+    load.wait_answered(30);
+    for round in 1..=rounds {
+        let answered = load.answered();
+        home.ok(&["reload", app]);
+        load.wait_answered(answered + 30);
+        assert!(
+            load.tally.failures().is_empty(),
+            "round {round}: {:?}",
+            load.tally.failures()
+        );
+    }
+    let tally = load.finish();
+    assert!(tally.failures().is_empty(), "{:?}", tally.failures());
+    tally
 }
