@@ -3,7 +3,7 @@
 
 Measures daemon memory, `ls` latency, start-to-first-answer, restart after `kill -9`, and log
 throughput under an output flood, then prints a Markdown table with the project's targets.
-See bench/README.md. Python 3 standard library only.
+See bench/README.md. Python 3 standard library only (and bench/benchlib.py).
 
 Exit status: 0 when every measurement ran (whether or not a target is met), 1 when something
 broke (a daemon would not start, an app never answered, ...), 2 on bad options.
@@ -12,13 +12,9 @@ broke (a daemon would not start, an app never answered, ...), 2 on bad options.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +23,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+sys.path.insert(0, str(HERE))  # benchlib.py, wherever the script is run from
+
+from benchlib import (ANSWER_TIMEOUT, CHILDREN, CLI_TIMEOUT, Broken, DaemonHome,  # noqa: E402
+                      add_output_options, add_pm2_options, bounded, build_corral, clean_env,
+                      clean_up, corral_ls, exit_on_signals, free_port, hello_js_pid, install_pm2,
+                      machine_info, node_version, pm2_jlist, pm2_version, publish, run, say,
+                      verdict)
+from benchlib import fmt as fmt_digits  # noqa: E402
+
 APPS = HERE / "apps"
 HELLO = APPS / "hello.js"
 FLOOD = APPS / "flood.js"
@@ -35,29 +39,9 @@ FLOOD = APPS / "flood.js"
 LINE_BYTES = 100  # every line flood.js writes is exactly this long, newline included
 FILLER = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" * 2)[:88]
 
-CLI_TIMEOUT = 60.0  # seconds any single CLI call may take
-ANSWER_TIMEOUT = 20.0  # seconds an app may take to answer HTTP
 FLOOD_TIMEOUT = 120.0  # seconds a flood may take to land in its log
 STABLE_UPTIME = 1.6  # seconds an instance runs before it is killed (past a 1 s min_uptime)
-
-
-class Broken(Exception):
-    """Something failed that makes the measurement meaningless."""
-
-
-def say(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def bounded(seconds: float, step: float):
-    """Yields until `seconds` have passed, at most seconds/step + 1000 times, sleeping `step`
-    between iterations: every polling loop of this script goes through here."""
-    end = time.monotonic() + seconds
-    for _ in range(int(seconds / step) + 1000):
-        if time.monotonic() > end:
-            return
-        yield
-        time.sleep(step)
+PROBE_TIMEOUT = 0.25  # seconds one HTTP probe of an app may take
 
 
 # ---------------------------------------------------------------- statistics and formatting
@@ -85,10 +69,9 @@ def summary(samples: list[float]) -> dict:
     }
 
 
-def fmt(value: float, digits: int = 1) -> str:
-    if value != value:  # NaN
-        return "n/a"
-    return f"{value:,.{digits}f}"
+def fmt(value: float) -> str:
+    """Every number of this report has one decimal."""
+    return fmt_digits(value, 1)
 
 
 def ratio(pm2: float, corral: float) -> str:
@@ -101,47 +84,12 @@ def ratio(pm2: float, corral: float) -> str:
 # ---------------------------------------------------------------- network probes
 
 
-def free_port() -> int:
-    """A port the kernel says is free on 127.0.0.1 (bound to port 0, read back, closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_hello(port: int, timeout: float = 0.25) -> int | None:
-    """GET / on 127.0.0.1:port. The answering pid (from x-pid) when hello.js answered, else None."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            s.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            data = b""
-            while len(data) < 8192:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
-        return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    if not lines[0].startswith(b"HTTP/1.") or b" 200" not in lines[0] or body != b"hello\n":
-        return None
-    for line in lines[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == b"x-pid":
-            try:
-                return int(value.strip())
-            except ValueError:
-                return 0
-    return 0
-
-
 def wait_answer(port: int, t0: float, seconds: float = ANSWER_TIMEOUT, not_pid: int | None = None,
                 proc: subprocess.Popen | None = None) -> tuple[float, int]:
     """Polls until hello.js answers on `port` from a pid other than `not_pid`. Returns the seconds
     since `t0` and the answering pid."""
     for _ in bounded(seconds, 0.001):
-        pid = http_hello(port)
+        pid = hello_js_pid(port, PROBE_TIMEOUT)
         if pid is not None and (not_pid is None or pid != not_pid):
             return time.perf_counter() - t0, pid
         if proc is not None and proc.poll() not in (None, 0):
@@ -163,113 +111,33 @@ def rss_mib(pid: int) -> float:
     raise Broken(f"cannot read the RSS of pid {pid} (is the daemon running?)")
 
 
-def proc_state(pid: int) -> str | None:
-    """The state letter of a process, None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def pids_with_env(entry: str) -> list[int]:
-    """Live processes whose environment holds exactly `entry` (e.g. `CORRAL_HOME=<dir>`): the
-    daemons and every app they started, since apps inherit the daemon's environment."""
-    needle = entry.encode()
-    found = []
-    me = os.getpid()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in env and proc_state(int(name)) not in (None, "Z"):
-            found.append(int(name))
-    return found
-
-
-class Children:
-    """Every process this script starts directly, so that all can be ended on the way out."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def popen(self, args: list[str], **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(args, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def end_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                say(f"pid {proc.pid} did not exit after SIGKILL")
-        self.procs.clear()
-
-
-CHILDREN = Children()
-
-
-def run(args: list[str], env: dict, timeout: float = CLI_TIMEOUT, check: bool = True,
-        capture: bool = True) -> subprocess.CompletedProcess:
-    try:
-        done = subprocess.run(args, env=env, timeout=timeout, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, cwd=str(HERE))
-    except subprocess.TimeoutExpired as e:
-        raise Broken(f"`{' '.join(args)}` took more than {timeout:.0f}s") from e
-    if check and done.returncode != 0:
-        raise Broken(f"`{' '.join(args)}` exited with status {done.returncode}: "
-                     f"{(done.stderr or '').strip()[-2000:]}")
-    return done
+def bench_env() -> dict:
+    """The environment without a home or a PORT of the caller's."""
+    return clean_env(names=("CORRAL_HOME", "PM2_HOME", "PORT"))
 
 
 # ---------------------------------------------------------------- the two process managers
 
 
-def clean_env(drop: tuple[str, ...] = ("CORRAL_HOME", "PM2_HOME", "PORT")) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.setdefault("LANG", "C.UTF-8")
-    return env
-
-
-class Manager:
+class Manager(DaemonHome):
     """What the benchmark needs from a process manager, over its CLI."""
 
-    label = ""
-    home_var = ""
     no_restart_flags: list[str] = []
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.env = clean_env()
-        self.env[self.home_var] = str(home)
-        self.used = False
+    def __init__(self, home: Path, binary: Path) -> None:
+        super().__init__(binary, home, bench_env())
 
-    def argv(self, *args: str) -> list[str]:
-        raise NotImplementedError
-
-    def cli(self, *args: str, port: int | None = None, timeout: float = CLI_TIMEOUT,
-            capture: bool = True) -> subprocess.CompletedProcess:
-        self.used = True
+    def port_env(self, port: int | None) -> dict:
+        """The CLI's environment, with PORT when `port` is set."""
         env = dict(self.env)
         if port is not None:
             env["PORT"] = str(port)
-        return run(self.argv(*args), env, timeout=timeout, capture=capture)
+        return env
 
     def spawn_cli(self, *args: str, port: int | None = None) -> subprocess.Popen:
         """Starts a CLI command without waiting for it (to time what happens meanwhile)."""
         self.used = True
-        env = dict(self.env)
-        if port is not None:
-            env["PORT"] = str(port)
-        return CHILDREN.popen(self.argv(*args), env=env, stdin=subprocess.DEVNULL,
+        return CHILDREN.popen(self.argv(*args), env=self.port_env(port), stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               cwd=str(HERE))
 
@@ -279,7 +147,8 @@ class Manager:
 
     def start(self, name: str, script: Path, port: int | None = None, extra: list[str] = (),
               app_args: list[str] = ()) -> None:
-        self.cli(*self.start_args(name, script, port, list(extra), list(app_args)), port=port)
+        self.cli(*self.start_args(name, script, port, list(extra), list(app_args)),
+                 env=self.port_env(port))
 
     def spawn_start(self, name: str, script: Path, port: int | None = None,
                     extra: list[str] = (), app_args: list[str] = ()) -> subprocess.Popen:
@@ -287,7 +156,7 @@ class Manager:
                               port=port)
 
     def ensure_daemon(self) -> None:
-        raise NotImplementedError
+        self.cli("ping")
 
     def ls_argv(self) -> list[str]:
         return self.argv("ls")
@@ -313,39 +182,13 @@ class Manager:
 
     def shutdown(self) -> None:
         """Stops the daemon and its apps; never raises."""
-        if not self.used:
-            return
-        try:
-            run(self.argv("kill"), self.env, timeout=CLI_TIMEOUT, check=False)
-        except Broken as e:
-            say(f"{self.label}: {e}")
-        # `pm2 kill` may return before its daemon has quite exited: give stragglers 5 s.
-        marker = f"{self.home_var}={self.home}"
-        leftovers = pids_with_env(marker)
-        for _ in bounded(5, 0.05):
-            if not leftovers:
-                break
-            leftovers = pids_with_env(marker)
-        for pid in leftovers:
-            say(f"{self.label}: pid {pid} outlived `kill`: sending SIGKILL")
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.used = False
+        self.stop(None, timeout=CLI_TIMEOUT)
 
 
 class Corral(Manager):
     label = "corral"
     home_var = "CORRAL_HOME"
     no_restart_flags = ["--no-autorestart", "--log-max-size", "0"]
-
-    def __init__(self, home: Path, binary: Path) -> None:
-        super().__init__(home)
-        self.binary = binary
-
-    def argv(self, *args: str) -> list[str]:
-        return [str(self.binary), *args]
 
     def start_args(self, name, script, port, extra, app_args):
         args = ["start", str(script), "--name", name]
@@ -356,15 +199,8 @@ class Corral(Manager):
             args += ["--", *app_args]
         return args
 
-    def ensure_daemon(self) -> None:
-        self.cli("ping")
-
     def instances(self) -> dict[str, dict]:
-        out = self.cli("ls", "--json").stdout
-        try:
-            rows = json.loads(out)
-        except json.JSONDecodeError as e:
-            raise Broken(f"corral ls --json printed something else than JSON: {out[:300]!r}") from e
+        rows = corral_ls(self.cli("ls", "--json").stdout, self.label)
         return {r["app"]: {"pid": r.get("pid"), "status": r.get("status"),
                            "uptime_ms": r.get("uptime_ms")} for r in rows}
 
@@ -383,13 +219,6 @@ class Pm2(Manager):
     home_var = "PM2_HOME"
     no_restart_flags = ["--no-autorestart"]
 
-    def __init__(self, home: Path, binary: Path) -> None:
-        super().__init__(home)
-        self.binary = binary
-
-    def argv(self, *args: str) -> list[str]:
-        return [str(self.binary), *args]
-
     def start_args(self, name, script, port, extra, app_args):
         # PM2 hands the CLI's environment (PORT included) to the app.
         args = ["start", str(script), "--name", name, *extra]
@@ -397,21 +226,8 @@ class Pm2(Manager):
             args += ["--", *app_args]
         return args
 
-    def ensure_daemon(self) -> None:
-        self.cli("ping")
-
     def instances(self) -> dict[str, dict]:
-        out = self.cli("jlist").stdout
-        rows = None
-        for line in reversed(out.splitlines()):
-            if line.startswith("["):
-                try:
-                    rows = json.loads(line)
-                    break
-                except json.JSONDecodeError:
-                    continue
-        if rows is None:
-            raise Broken(f"pm2 jlist printed no JSON list: {out[:300]!r}")
+        rows = pm2_jlist(self.cli("jlist").stdout, self.label)
         now_ms = time.time() * 1000
         result = {}
         for r in rows:
@@ -426,83 +242,6 @@ class Pm2(Manager):
 
     def out_log(self, name: str) -> Path:
         return self.home / "logs" / f"{name}-out.log"
-
-
-# ---------------------------------------------------------------- getting the programs
-
-
-def build_corral() -> Path:
-    say("building corral: cargo build --release -p corral")
-    cargo = shutil.which("cargo")
-    if not cargo:
-        raise Broken("cargo not found: install Rust or pass --corral <path>")
-    try:
-        done = subprocess.run([cargo, "build", "--release", "-p", "corral",
-                               "--message-format=json-render-diagnostics"],
-                              cwd=str(REPO), stdout=subprocess.PIPE, text=True, timeout=1800)
-    except subprocess.TimeoutExpired as e:
-        raise Broken("cargo build took more than 30 minutes") from e
-    if done.returncode != 0:
-        raise Broken(f"cargo build failed with status {done.returncode}")
-    binary = None
-    for line in done.stdout.splitlines():
-        try:
-            msg = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if (msg.get("reason") == "compiler-artifact" and msg.get("executable")
-                and msg.get("target", {}).get("name") == "corral"):
-            binary = Path(msg["executable"])
-    if binary is None or not binary.is_file():
-        raise Broken("cargo build did not report a corral executable")
-    return binary
-
-
-def install_pm2(prefix: Path, spec: str) -> Path:
-    binary = prefix / "node_modules" / ".bin" / "pm2"
-    if binary.exists():
-        say(f"using the PM2 already installed in {prefix}")
-        return binary
-    npm = shutil.which("npm")
-    if not npm:
-        raise Broken("npm not found: install node and npm, or pass --pm2 <path>")
-    prefix.mkdir(parents=True, exist_ok=True)
-    say(f"installing {spec} with npm into {prefix}")
-    try:
-        done = subprocess.run([npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
-                               spec], stdin=subprocess.DEVNULL, stdout=sys.stderr,
-                              timeout=900)
-    except subprocess.TimeoutExpired as e:
-        raise Broken("npm install took more than 15 minutes") from e
-    if done.returncode != 0 or not binary.exists():
-        raise Broken(f"npm install {spec} failed (status {done.returncode})")
-    return binary
-
-
-def pm2_version(binary: Path) -> str:
-    package = binary.resolve().parent.parent / "package.json"
-    try:
-        return json.loads(package.read_text())["version"]
-    except (OSError, ValueError, KeyError):
-        return "unknown"
-
-
-def node_version() -> str:
-    try:
-        return run(["node", "--version"], clean_env(), timeout=30).stdout.strip()
-    except (Broken, OSError):
-        return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 # ---------------------------------------------------------------- measurements
@@ -522,7 +261,7 @@ def time_cli(argv: list[str], env: dict, runs: int) -> list[float]:
 def wait_all_answer(ports: list[int], seconds: float = ANSWER_TIMEOUT) -> None:
     pending = set(ports)
     for _ in bounded(seconds, 0.02):
-        pending = {p for p in pending if http_hello(p) is None}
+        pending = {p for p in pending if hello_js_pid(p, PROBE_TIMEOUT) is None}
         if not pending:
             return
     raise Broken(f"apps on ports {sorted(pending)} did not answer within {seconds:.0f}s")
@@ -587,7 +326,7 @@ def node_start_baseline(runs: int) -> list[float]:
     samples = []
     for _ in range(runs + 1):
         port = free_port()
-        env = clean_env()
+        env = bench_env()
         env["PORT"] = str(port)
         t0 = time.perf_counter()
         proc = CHILDREN.popen(["node", str(HELLO)], env=env, stdin=subprocess.DEVNULL,
@@ -641,7 +380,7 @@ def file_size(path: Path) -> int:
 
 def flood_direct(lines: int, work: Path) -> dict:
     out = work / "direct-flood.log"
-    env = clean_env()
+    env = bench_env()
     with open(out, "wb") as sink:
         t0 = time.perf_counter()
         proc = CHILDREN.popen(["node", str(FLOOD), str(lines)], env=env, stdin=subprocess.DEVNULL,
@@ -783,10 +522,6 @@ def bench_manager(mgr: Manager, cfg: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def verdict(ok: bool) -> str:
-    return "**met**" if ok else "**missed**"
-
-
 def report(cfg, c: dict, p: dict, base: dict, machine: dict) -> str:
     rows = []
 
@@ -876,15 +611,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="fewer repetitions and a smaller flood (about a minute)")
     ap.add_argument("--corral", type=Path,
                     help="corral binary to use (default: build it with cargo build --release)")
-    ap.add_argument("--pm2", type=Path, help="pm2 executable to use (default: install one)")
-    ap.add_argument("--deps", type=Path, default=HERE / ".deps",
-                    help="npm prefix where PM2 is installed when missing (default: bench/.deps)")
-    ap.add_argument("--pm2-spec", default="pm2",
-                    help="npm package spec to install (default: pm2, e.g. pm2@6)")
+    add_pm2_options(ap)
     ap.add_argument("--flood-lines", type=int, help="lines per flood (default 2,000,000; "
                     "quick: 200,000)")
-    ap.add_argument("--output", type=Path, help="also write the Markdown report here")
-    ap.add_argument("--json", type=Path, help="write every raw sample here as JSON")
+    add_output_options(ap)
     ap.add_argument("--keep-temp", action="store_true",
                     help="keep the temporary PM2_HOME and CORRAL_HOME directories")
     cfg = ap.parse_args(argv)
@@ -903,20 +633,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     cfg = parse_args(argv)
-
-    def on_term(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-
+    exit_on_signals()
     if not shutil.which("node"):
         say("node not found")
         return 1
     work = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     managers: list[Manager] = []
     try:
-        corral_bin = cfg.corral.resolve() if cfg.corral else build_corral()
+        corral_bin = (cfg.corral.resolve() if cfg.corral
+                      else build_corral("install Rust or pass --corral <path>"))
         if not corral_bin.is_file():
             raise Broken(f"no corral binary at {corral_bin}")
         pm2_bin = cfg.pm2.resolve() if cfg.pm2 else install_pm2(cfg.deps.resolve(), cfg.pm2_spec)
@@ -924,13 +649,9 @@ def main(argv: list[str]) -> int:
         pm2 = Pm2(work / "pm2-home", pm2_bin)
         managers = [corral, pm2]
         machine = {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "nproc": os.cpu_count(),
-            "cpu": cpu_model(),
-            "kernel": platform.release(),
+            **machine_info(),
             "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-            "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "node": node_version(),
+            "node": node_version(bench_env()),
             "pm2": pm2_version(pm2_bin),
             "corral": corral.version(),
         }
@@ -948,14 +669,9 @@ def main(argv: list[str]) -> int:
         for mgr in managers:  # one daemon at a time, so neither disturbs the other
             results[mgr.label] = bench_manager(mgr, cfg)
 
-        text = report(cfg, results["corral"], results["PM2"], base, machine)
-        print(text, flush=True)
-        if cfg.output:
-            cfg.output.write_text(text)
-        if cfg.json:
-            cfg.json.write_text(json.dumps({"machine": machine, "baseline": base,
-                                            "corral": results["corral"], "pm2": results["PM2"]},
-                                           indent=2))
+        publish(report(cfg, results["corral"], results["PM2"], base, machine), cfg.output,
+                cfg.json, {"machine": machine, "baseline": base, "corral": results["corral"],
+                           "pm2": results["PM2"]})
         return 0
     except Broken as e:
         say(f"error: {e}")
@@ -963,13 +679,7 @@ def main(argv: list[str]) -> int:
     finally:
         if any(m.used for m in managers) or CHILDREN.procs:
             say("cleaning up: stopping the daemons and every process started here")
-        for mgr in managers:
-            mgr.shutdown()
-        CHILDREN.end_all()
-        if cfg.keep_temp:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(managers, work, cfg.keep_temp)
 
 
 if __name__ == "__main__":
