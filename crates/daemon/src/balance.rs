@@ -283,9 +283,9 @@ impl Conduit {
 
     /// One `sendmsg` of `bytes`, with `fd` on the first byte: how many bytes went.
     fn send_bytes(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<usize> {
-        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        let fds = fd.as_slice();
         self.stream.try_io(Interest::WRITABLE, || {
-            corral_sys::fd::send_with_fds(self.stream.as_fd(), bytes, &fds)
+            corral_sys::fd::send_with_fds(self.stream.as_fd(), bytes, fds)
         })
     }
 
