@@ -901,27 +901,30 @@ fn rr_mode_loses_at_most_the_in_flight_requests_of_a_killed_worker() {
     assert_groups_gone(&home.recorded_pgids());
 }
 
+/// Two rr workers of `web.py`, instance 1 in `mode`: their `ls` rows and the address.
+fn two_workers_one_in_mode(home: &Home, mode: &str) -> (Vec<Value>, SocketAddr) {
+    let mode = format!("MODE={mode}");
+    let args = [
+        "-i",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "-e",
+        &mode,
+        "-e",
+        "BAD_INSTANCE=1",
+    ];
+    start_web(home, "web", Lb::Rr, &args);
+    let list = home.wait_online("web", 2);
+    let addr = tcp_address(&list);
+    (list, addr)
+}
+
 #[test]
 fn connections_a_worker_refuses_go_to_the_others() {
     let home = Home::new();
-    start_web(
-        &home,
-        "web",
-        Lb::Rr,
-        &[
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "-e",
-            "MODE=refuse",
-            "-e",
-            "BAD_INSTANCE=1",
-        ],
-    );
-    let list = home.wait_online("web", 2);
+    let (list, addr) = two_workers_one_in_mode(&home, "refuse");
     let (server, refuser) = (pid(&list[0]).unwrap(), pid(&list[1]).unwrap());
-    let addr = tcp_address(&list);
     for n in 0..20 {
         assert_eq!(get(addr), Ok(server), "request {n}");
     }
@@ -950,24 +953,8 @@ fn connections_a_worker_refuses_go_to_the_others() {
 #[test]
 fn a_connection_left_by_a_worker_that_died_before_accepting_it_is_served_by_another() {
     let home = Home::new();
-    start_web(
-        &home,
-        "web",
-        Lb::Rr,
-        &[
-            "-i",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "-e",
-            "MODE=die-holding",
-            "-e",
-            "BAD_INSTANCE=1",
-        ],
-    );
-    let list = home.wait_online("web", 2);
+    let (list, addr) = two_workers_one_in_mode(&home, "die-holding");
     let (survivor, culprit) = (pid(&list[0]).unwrap(), pid(&list[1]).unwrap());
-    let addr = tcp_address(&list);
     // Round robin gives one of the first two connections to instance 1, which dies with it.
     let mut answers = Vec::new();
     for n in 0..10 {
