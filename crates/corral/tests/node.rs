@@ -191,11 +191,7 @@ fn workers_on_listen_0_share_one_port_and_take_connections_in_turn() {
 #[test]
 fn workers_on_a_fixed_port_answer_on_that_port() {
     let home = Home::new();
-    // A port that is free now: the kernel's pick, let go at once.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let env = format!("PORT={port}");
     start_js(&home, "fixed", HTTP_JS, &["-i", "2", "--env", &env]);
     let instances = home.wait_online("fixed", 2);

@@ -12,7 +12,6 @@ mod http;
 #[allow(dead_code)]
 mod support;
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -120,10 +119,7 @@ impl Drop for Guard {
 #[test]
 fn the_rust_worker_runs_alone_and_drains_on_sigterm() {
     let home = Home::new();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut alone = Guard(
         Command::new(hello())

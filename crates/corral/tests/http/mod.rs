@@ -373,3 +373,11 @@ pub fn reload_rounds(home: &Home, app: &str, load: Load, rounds: usize) -> Arc<T
     assert!(tally.failures().is_empty(), "{:?}", tally.failures());
     tally
 }
+
+/// A loopback port that is free now: the kernel's pick, let go at once.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
