@@ -188,7 +188,7 @@ pub fn app(info: &AppInfo) -> String {
                 "when a server of it listens, within {}ms",
                 s.listen_timeout_ms
             )
-        } else if s.wait_ready || (s.lb.over_channel() && !s.listen.is_empty()) {
+        } else if s.needs_ready() {
             format!("when it says so, within {}ms", s.listen_timeout_ms)
         } else if s.lb == corral_proto::LbMode::Proxy {
             format!("when its PORT accepts, within {}ms", s.listen_timeout_ms)

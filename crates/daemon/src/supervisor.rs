@@ -188,14 +188,6 @@ impl Drop for App {
 }
 
 impl App {
-    /// Whether only a `ready` message makes a worker ready: asked for, or it takes connections
-    /// from its channel (it must be reading it).
-    fn needs_ready(&self) -> bool {
-        self.spec.wait_ready
-            || (self.spec.lb.over_channel() && !self.listeners.is_empty())
-            || self.spec.is_node_cluster()
-    }
-
     fn policy(&self) -> RestartPolicy {
         let spec = &self.spec;
         RestartPolicy {
@@ -462,7 +454,7 @@ impl Supervisor {
                         .to_string()
                 } else if spec.lb == corral_proto::LbMode::Proxy {
                     "did not accept connections on its PORT".to_string()
-                } else if app.needs_ready() {
+                } else if app.spec.needs_ready() {
                     format!(
                         "did not say it is ready on its channel (with --lb {}, a worker takes \
                          its connections from its channel, as corral-worker's incoming() does; \
@@ -1147,7 +1139,7 @@ impl Supervisor {
             Ok((child, master_end))
         });
         drop(command);
-        let wait_ready = app.needs_ready();
+        let wait_ready = app.spec.needs_ready();
         let codec = if node { Codec::Node } else { Codec::Corral };
         let stop_by_message = spec.shutdown_with_message;
         let listen_timeout = Duration::from_millis(spec.listen_timeout_ms);
@@ -1485,7 +1477,7 @@ impl Supervisor {
         let kill_timeout = Duration::from_millis(app.spec.kill_timeout_ms);
         let name = app.spec.name.clone();
         let now = self.epoch.elapsed();
-        let probed = app.needs_ready() || app.spec.lb == corral_proto::LbMode::Proxy;
+        let probed = app.spec.needs_ready() || app.spec.lb == corral_proto::LbMode::Proxy;
         let inst = &mut app.instances[i];
         if probed && inst.status == Status::Starting {
             // It never said it is ready, so it never started: its exit is unstable however long

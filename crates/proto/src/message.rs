@@ -325,6 +325,15 @@ impl AppSpec {
     pub fn is_node_cluster(&self) -> bool {
         self.runs_on_node() && self.exec_mode == ExecMode::Cluster
     }
+
+    /// Whether only a worker's word makes it ready (not `min_uptime`): asked for with
+    /// `wait_ready`, or it takes connections from its channel (it must be reading it), or it is
+    /// a Node cluster worker (ready when it listens).
+    pub fn needs_ready(&self) -> bool {
+        self.wait_ready
+            || (self.lb.over_channel() && !self.listen.is_empty())
+            || self.is_node_cluster()
+    }
 }
 
 /// How a Node.js app runs (PM2's `exec_mode`); other programs ignore it.
