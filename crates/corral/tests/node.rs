@@ -464,6 +464,64 @@ fn reloads_under_load_lose_no_request_on_new_connections() {
     delete_all(&home);
 }
 
+#[test]
+fn reloads_under_keep_alive_load_lose_no_request() {
+    // Node's own `server.close()` destroys the keep-alive connections it sees as idle, racing
+    // with the client's next request; corral's drain preload answers that request instead, with
+    // `Connection: close`.
+    let home = Home::new();
+    start_js(&home, "web", HTTP_JS, &["-i", "2"]);
+    let addr = address_of(&home.wait_online("web", 2));
+    let tally = reload_rounds(&home, "web", Load::start(addr, 4, true), 5);
+    assert!(
+        tally.pids().len() >= 4,
+        "old and new processes answered: {:?}",
+        tally.pids()
+    );
+    delete_all(&home);
+}
+
+/// Prints the flags node was started with, then serves.
+const EXEC_ARGV_JS: &str = r"
+const http = require('http');
+console.log(`execArgv=${JSON.stringify(process.execArgv)}`);
+http.createServer((req, res) => res.end(`${process.pid}`)).listen(0);
+";
+
+#[test]
+fn the_drain_preload_is_in_cluster_workers_unless_switched_off() {
+    let home = Home::new();
+    start_js(&home, "on", EXEC_ARGV_JS, &["-i", "2"]);
+    start_js(
+        &home,
+        "off",
+        EXEC_ARGV_JS,
+        &["-i", "2", "--env", "CORRAL_NODE_DRAIN=off"],
+    );
+    start_js(&home, "fork", EXEC_ARGV_JS, &["-i", "1"]);
+    for app in ["on", "off", "fork"] {
+        home.wait_online(app, if app == "fork" { 1 } else { 2 });
+    }
+    let drain = home.path().join("node-drain.js");
+    let line = |app: &str| {
+        let log = home.wait_log(app, 0, "out", "execArgv=");
+        log.lines()
+            .find(|l| l.contains("execArgv="))
+            .expect("the line")
+            .to_string()
+    };
+    let on = line("on");
+    assert!(
+        on.contains("--require") && on.contains(drain.to_str().expect("utf-8")),
+        "{on}"
+    );
+    assert!(line("off").contains("execArgv=[]"), "{}", line("off"));
+    assert!(line("fork").contains("execArgv=[]"), "{}", line("fork"));
+    let source = std::fs::read_to_string(&drain).expect("the preload is in CORRAL_HOME");
+    assert!(source.contains("exitedAfterDisconnect"), "{source}");
+    delete_all(&home);
+}
+
 /// How many requests the logs of `app`'s instances say are held, by instance.
 fn held(home: &Home, app: &str) -> Vec<usize> {
     (0..2)

@@ -85,6 +85,12 @@ impl Home {
             .join(format!("{app}-{instance}-{}.log", stream.as_str()))
     }
 
+    /// The drain preload for Node cluster workers (`crates/daemon/js/drain.js`), written by
+    /// [`Home::prepare`].
+    pub fn node_drain(&self) -> PathBuf {
+        self.root.join("node-drain.js")
+    }
+
     /// Creates the directory (mode 0700) and `logs/` when missing, and makes an existing one private.
     pub fn prepare(&self) -> Result<(), HomeError> {
         let unusable = |path: &Path, source| HomeError::Unusable {
@@ -112,6 +118,10 @@ impl Home {
         File::create(&probe)
             .and_then(|_| fs::remove_file(&probe))
             .map_err(|e| unusable(&self.root, e))?;
+        let drain = self.node_drain();
+        if fs::read(&drain).ok().as_deref() != Some(NODE_DRAIN.as_bytes()) {
+            write_atomically(&drain, NODE_DRAIN.as_bytes()).map_err(|e| unusable(&drain, e))?;
+        }
         Ok(())
     }
 
@@ -158,6 +168,9 @@ impl Home {
         text.trim().parse().ok()
     }
 }
+
+/// The drain preload's source, kept in the binary.
+const NODE_DRAIN: &str = include_str!("../js/drain.js");
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content: a
 /// temporary file beside it, fsync, rename, fsync of the directory.

@@ -33,6 +33,9 @@ pub const ACTIVATE_SHIM: &str = "__activate";
 
 /// Most instances one app may have.
 pub const MAX_INSTANCES: u32 = 1024;
+/// An app's env variable that, set to `off`, leaves the drain preload (`js/drain.js`) out of
+/// its Node cluster workers.
+const NODE_DRAIN_SWITCH: &str = "CORRAL_NODE_DRAIN";
 const LINGER_POLL: Duration = Duration::from_millis(20);
 
 /// What the supervisor reacts to.
@@ -1032,6 +1035,12 @@ impl Supervisor {
         let (program, mut args) = match &spec.interpreter {
             Some(interpreter) => {
                 let mut args = spec.interpreter_args.clone();
+                if spec.is_node_cluster()
+                    && spec.env.get(NODE_DRAIN_SWITCH).is_none_or(|v| v != "off")
+                {
+                    args.push("--require".into());
+                    args.push(self.home.node_drain().to_string_lossy().into_owned());
+                }
                 args.push(spec.script.to_string_lossy().into_owned());
                 (std::ffi::OsString::from(interpreter), args)
             }
