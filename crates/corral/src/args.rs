@@ -81,6 +81,22 @@ pub enum Command {
         target: String,
         /// The message, as JSON: '{"cmd":"refresh"}', '"ready"', 42.
         json: String,
+        /// Wait for the instance's answer and print it (one instance; it gets the message as a
+        /// bus request).
+        #[arg(long)]
+        reply: bool,
+        /// With --reply: how long to wait [default: 5s].
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<String>,
+    },
+    /// Read and change the shared state of the apps (key/value and publish).
+    State {
+        /// The app whose store (needed when apps use different stores).
+        #[arg(long, global = true)]
+        app: Option<String>,
+        /// What to do.
+        #[command(subcommand)]
+        command: StateCommand,
     },
     /// Print recent log lines; with -f, keep printing new ones.
     Logs(LogsArgs),
@@ -195,6 +211,14 @@ pub struct StartArgs {
     /// `process.on('message')`, as with PM2); the signal follows after --kill-timeout.
     #[arg(long)]
     pub shutdown_with_message: bool,
+    /// The app's agent: a script or binary run once per app, started and ready before the
+    /// workers, stopped after them, never given connections (CORRAL_ROLE=agent).
+    #[arg(long, value_name = "SCRIPT")]
+    pub agent: Option<String>,
+    /// Where the app's shared state lives: `memory` (the daemon's), `saved` (the daemon's, kept
+    /// in $CORRAL_HOME/state.json) or redis://host:port/db [default: memory].
+    #[arg(long, value_name = "STORE")]
+    pub state: Option<String>,
 }
 
 /// `corral logs`.
@@ -217,4 +241,51 @@ pub struct LogsArgs {
     /// Print the lines without the app prefix.
     #[arg(long)]
     pub raw: bool,
+}
+
+/// `corral state`.
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Print a key's value.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Set a key.
+    Set {
+        /// The key.
+        key: String,
+        /// The value (a string).
+        value: String,
+        /// Remove it after this long: 30s, 5m.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Remove a key.
+    #[command(alias = "rm")]
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// Add to the integer in a key.
+    Incr {
+        /// The key.
+        key: String,
+        /// The increment [default: 1].
+        #[arg(allow_hyphen_values = true)]
+        by: Option<i64>,
+    },
+    /// List keys matching a glob pattern.
+    #[command(alias = "keys")]
+    Ls {
+        /// The pattern: *, user:*, job:[0-9]* [default: *].
+        pattern: Option<String>,
+    },
+    /// Publish a message on a channel.
+    Publish {
+        /// The channel.
+        channel: String,
+        /// The message.
+        message: String,
+    },
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use corral_proto::signal::Signal;
-use corral_proto::{AppSpec, ExecMode, LbMode};
+use corral_proto::{AgentSpec, AppSpec, ExecMode, LbMode, StateBackend};
 use serde::{Deserialize, Deserializer};
 
 use crate::args::StartArgs;
@@ -154,6 +154,8 @@ pub(crate) struct Raw {
     pub listen_timeout_ms: Option<u64>,
     pub exec_mode: Option<ExecMode>,
     pub shutdown_with_message: Option<bool>,
+    pub agent: Option<String>,
+    pub state: Option<StateBackend>,
 }
 
 /// `fork` or `cluster`.
@@ -249,6 +251,10 @@ pub(crate) fn build(
     spec.wait_ready = raw.wait_ready.unwrap_or(false);
     spec.listen_timeout_ms = raw.listen_timeout_ms.unwrap_or(spec.listen_timeout_ms);
     spec.shutdown_with_message = raw.shutdown_with_message.unwrap_or(false);
+    spec.state = raw.state.unwrap_or_default();
+    if let Some(agent) = &raw.agent {
+        spec.agent = Some(agent_spec(agent, cwd, origin)?);
+    }
     // As PM2 does: a Node.js app with more than one instance is a cluster unless told otherwise.
     spec.exec_mode = raw
         .exec_mode
@@ -258,6 +264,36 @@ pub(crate) fn build(
             ExecMode::Fork
         });
     Ok(spec)
+}
+
+/// The agent's program: its script located and its interpreter chosen as for the app's.
+fn agent_spec(script_arg: &str, cwd: &Path, origin: &dyn fmt::Display) -> Result<AgentSpec> {
+    let script = locate_script(script_arg, cwd).ok_or_else(|| {
+        anyhow!(
+            "{origin}: agent script '{script_arg}' not found: no file {} and no such command on \
+             PATH",
+            cwd.join(script_arg).display()
+        )
+    })?;
+    let interpreter = interpreter_for(&script).map(str::to_string);
+    match &interpreter {
+        Some(i) if find_on_path(i).is_none() => bail!(
+            "{origin}: the interpreter '{i}' for the agent {} is not on PATH: install it",
+            script.display()
+        ),
+        None if !is_executable(&script) => bail!(
+            "{origin}: the agent {} is not executable: run `chmod +x {}`",
+            script.display(),
+            script.display()
+        ),
+        _ => {}
+    }
+    Ok(AgentSpec {
+        script,
+        interpreter,
+        interpreter_args: Vec::new(),
+        args: Vec::new(),
+    })
 }
 
 /// The spec of `corral start <script> [options]`.
@@ -337,6 +373,12 @@ pub fn spec_from_args(args: &StartArgs) -> Result<AppSpec> {
             .map(|m| parse_exec_mode(m).map_err(|e| anyhow!("--exec-mode: {e}")))
             .transpose()?,
         shutdown_with_message: args.shutdown_with_message.then_some(true),
+        agent: args.agent.clone(),
+        state: args
+            .state
+            .as_deref()
+            .map(|s| s.parse().map_err(|e| anyhow!("--state: {e}")))
+            .transpose()?,
     };
     build(&args.script, &cwd, raw, &"start")
 }
@@ -377,6 +419,7 @@ parsed_field!(instances_field, u32, parse_instances);
 parsed_field!(signal_field, i32, parse_signal);
 parsed_field!(lb_field, LbMode, parse_lb);
 parsed_field!(exec_mode_field, ExecMode, parse_exec_mode);
+parsed_field!(state_field, StateBackend, str::parse::<StateBackend>);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -426,6 +469,9 @@ struct ConfigApp {
     #[serde(default, deserialize_with = "exec_mode_field")]
     exec_mode: Option<ExecMode>,
     shutdown_with_message: Option<bool>,
+    agent: Option<String>,
+    #[serde(default, deserialize_with = "state_field")]
+    state: Option<StateBackend>,
 }
 
 /// The apps of a `corral.toml`. Relative paths are relative to the file's directory.
@@ -475,6 +521,8 @@ pub fn specs_from_file(path: &Path) -> Result<Vec<AppSpec>> {
             listen_timeout_ms: app.listen_timeout,
             exec_mode: app.exec_mode,
             shutdown_with_message: app.shutdown_with_message,
+            agent: app.agent,
+            state: app.state,
         };
         specs.push(build(&app.script, &cwd, raw, &origin)?);
     }

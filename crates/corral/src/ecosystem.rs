@@ -236,6 +236,8 @@ fn app_spec(app: &Map<String, Value>, dir: &Path, origin: &str) -> Result<(AppSp
             .map(|m| config::parse_exec_mode(&m).map_err(|e| bad("exec_mode", &e)))
             .transpose()?,
         shutdown_with_message: flag("shutdown_with_message")?,
+        agent: None,
+        state: None,
     };
     let left_out: Vec<String> = app
         .keys()

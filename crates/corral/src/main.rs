@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow, bail};
 use clap::Parser;
 use corral_daemon::{Home, HomeError};
+use corral_proto::channel::StateCall;
 use corral_proto::{Request, Response, Streams};
 
-use args::{Cli, Command, LogsArgs, StartArgs};
+use args::{Cli, Command, LogsArgs, StartArgs, StateCommand};
 use client::{Client, ConnectError};
 
 fn main() -> ExitCode {
@@ -135,14 +136,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let signal = config::parse_signal(&signal).map_err(|e| anyhow!(e))?;
             done_command(&home, &Request::Signal { target, signal })?;
         }
-        Command::Send { target, json } => {
+        Command::Send {
+            target,
+            json,
+            reply,
+            timeout,
+        } => {
             let data = serde_json::from_str(&json).map_err(|e| {
                 anyhow!(
                     "the message {json:?} is not JSON ({e}): quote it for the shell, as in \
                      corral send {target} '{{\"cmd\": \"refresh\"}}' or '\"text\"'"
                 )
             })?;
-            done_command(&home, &Request::Send { target, data })?;
+            let timeout_ms = timeout
+                .as_deref()
+                .map(|t| config::parse_duration_ms(t).map_err(|e| anyhow!("--timeout: {e}")))
+                .transpose()?;
+            let request = Request::Send {
+                target,
+                data,
+                reply,
+                timeout_ms,
+            };
+            if reply {
+                value_command(&home, &request)?;
+            } else {
+                done_command(&home, &request)?;
+            }
+        }
+        Command::State { app, command } => {
+            let call = state_call(command)?;
+            value_command(&home, &Request::State { app, call })?;
         }
         Command::Logs(args) => logs(&home, &args)?,
         Command::Flush { target } => done_command(&home, &Request::Flush { target })?,
@@ -204,6 +228,41 @@ fn instances_or_done(response: Response) -> Result<()> {
 fn instances_command(home: &Home, request: &Request) -> Result<()> {
     let instances = expect_instances(connect(home)?.call(request)?)?;
     print_out(&render::instances(&instances))
+}
+
+/// A request answered with a value: printed as JSON, or a string as it is.
+fn value_command(home: &Home, request: &Request) -> Result<()> {
+    match connect(home)?.call(request)? {
+        Response::Value {
+            value: serde_json::Value::String(text),
+        } => println_out(&text),
+        Response::Value { value } => println_out(&serde_json::to_string_pretty(&value)?),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `corral state ...` as a state call.
+fn state_call(command: StateCommand) -> Result<StateCall> {
+    Ok(match command {
+        StateCommand::Get { key } => StateCall::Get { key },
+        StateCommand::Set { key, value, ttl } => StateCall::Set {
+            key,
+            value,
+            ttl_ms: ttl
+                .as_deref()
+                .map(|t| config::parse_duration_ms(t).map_err(|e| anyhow!("--ttl: {e}")))
+                .transpose()?,
+        },
+        StateCommand::Del { key } => StateCall::Del { key },
+        StateCommand::Incr { key, by } => StateCall::Incr {
+            key,
+            by: by.unwrap_or(1),
+        },
+        StateCommand::Ls { pattern } => StateCall::Keys {
+            pattern: pattern.unwrap_or_else(|| "*".into()),
+        },
+        StateCommand::Publish { channel, message } => StateCall::Publish { channel, message },
+    })
 }
 
 fn done_command(home: &Home, request: &Request) -> Result<()> {
@@ -276,11 +335,16 @@ fn logs(home: &Home, args: &LogsArgs) -> Result<()> {
                     if args.raw {
                         writeln!(out, "{}", l.line)?;
                     } else {
+                        // The agent's index is u32::MAX.
+                        let instance = if l.instance == u32::MAX {
+                            "agent".to_string()
+                        } else {
+                            l.instance.to_string()
+                        };
                         writeln!(
                             out,
-                            "{}:{} {} | {}",
+                            "{}:{instance} {} | {}",
                             l.app,
-                            l.instance,
                             l.stream.as_str(),
                             l.line
                         )?;

@@ -62,7 +62,11 @@ pub fn instances(list: &[InstanceInfo]) -> String {
             vec![
                 i.id.to_string(),
                 i.app.clone(),
-                i.instance.to_string(),
+                if i.role == corral_proto::Role::Agent {
+                    "agent".into()
+                } else {
+                    i.instance.to_string()
+                },
                 i.pid.map_or_else(|| "-".into(), |p| p.to_string()),
                 i.status.to_string(),
                 i.uptime_ms.map_or_else(|| "-".into(), duration),

@@ -133,6 +133,18 @@ impl Conduit {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Bytes and lines written to the worker that its socket has not taken yet: how far behind
+    /// in reading its channel it is.
+    pub fn backlog(&self) -> usize {
+        let state = self.state();
+        state.unsent.len() + state.queue.len()
+    }
+
+    /// Whether the channel is closed.
+    pub fn is_closed(&self) -> bool {
+        self.state().closed
+    }
+
     /// Connections given and not closed, as far as the master knows.
     fn load(&self) -> usize {
         let state = self.state();
@@ -644,7 +656,8 @@ mod tests {
         let _ = balancer;
         let conduit = Conduit::new(pid, Codec::Corral, stream);
         let (events, _) = mpsc::unbounded_channel();
-        tokio::spawn(crate::channel::read(conduit.clone(), events));
+        let bus = crate::bus::Bus::new(std::env::temp_dir().join("corral-balance-test-state.json"));
+        tokio::spawn(crate::channel::read(conduit.clone(), events, bus));
         (conduit, FakeWorker { end })
     }
 

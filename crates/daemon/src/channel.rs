@@ -12,6 +12,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::balance::{Codec, Conduit};
+use crate::bus::Bus;
 use crate::node::{self, Cluster, FromWorker};
 use crate::supervisor::Event;
 
@@ -23,24 +24,48 @@ pub fn open(fd: OwnedFd) -> io::Result<UnixStream> {
 }
 
 /// Reads a worker's messages until it closes its end or breaks the protocol. Answers about
-/// connections go to the conduit; the rest to the supervisor. When it ends, the conduit closes
-/// (its unaccepted connections go to other workers).
-pub async fn read(conduit: Arc<Conduit>, events: mpsc::UnboundedSender<Event>) {
+/// connections go to the conduit, bus and state messages to the bus, the rest to the
+/// supervisor. When it ends, the conduit closes (its unaccepted connections go to other
+/// workers) and the worker leaves the bus.
+pub async fn read(conduit: Arc<Conduit>, events: mpsc::UnboundedSender<Event>, bus: Arc<Bus>) {
     let pid = conduit.pid();
     let problem = match conduit.codec() {
-        Codec::Corral => read_until_closed(&conduit, &events).await,
-        Codec::Node => read_node_until_closed(&conduit, &events).await,
+        Codec::Corral => read_until_closed(&conduit, &events, &bus).await,
+        Codec::Node => read_node_until_closed(&conduit, &events, &bus).await,
     };
     if let Some(problem) = problem {
         let _ = events.send(Event::ChannelFault { pid, problem });
     }
     conduit.close();
+    bus.leave(pid);
+}
+
+/// A bus or state message: to the bus. Gives the message back when it is another kind.
+async fn to_bus(bus: &Bus, pid: u32, message: WorkerMessage) -> Option<WorkerMessage> {
+    match message {
+        WorkerMessage::Send {
+            id,
+            to,
+            data,
+            request,
+            timeout_ms,
+        } => bus.send(pid, id, &to, &data, request, timeout_ms),
+        WorkerMessage::Reply {
+            request,
+            data,
+            error,
+        } => bus.reply(pid, request, data, error),
+        WorkerMessage::State { id, call } => bus.state(pid, id, call).await,
+        message => return Some(message),
+    }
+    None
 }
 
 /// `None` when the worker closed its end (or the daemon is going away), else what was wrong.
 async fn read_until_closed(
     conduit: &Conduit,
     events: &mpsc::UnboundedSender<Event>,
+    bus: &Bus,
 ) -> Option<String> {
     let (pid, stream) = (conduit.pid(), conduit.stream());
     let mut pending: Vec<u8> = Vec::new();
@@ -71,7 +96,9 @@ async fn read_until_closed(
                     true
                 }
                 message => {
-                    events.send(Event::Worker { pid, message }).ok()?;
+                    if let Some(message) = to_bus(bus, pid, message).await {
+                        events.send(Event::Worker { pid, message }).ok()?;
+                    }
                     continue;
                 }
             };
@@ -111,6 +138,7 @@ async fn receive(stream: &UnixStream, chunk: &mut [u8]) -> Result<Option<(usize,
 async fn read_node_until_closed(
     conduit: &Arc<Conduit>,
     events: &mpsc::UnboundedSender<Event>,
+    bus: &Bus,
 ) -> Option<String> {
     let (pid, stream) = (conduit.pid(), conduit.stream());
     let mut pending: Vec<u8> = Vec::new();
@@ -164,6 +192,23 @@ async fn read_node_until_closed(
                 FromWorker::Plain(serde_json::Value::String(text)) if text == "ready" => {
                     let message = WorkerMessage::Ready;
                     events.send(Event::Worker { pid, message }).ok()?;
+                }
+                FromWorker::Plain(serde_json::Value::Object(mut object))
+                    if object.contains_key("corral") =>
+                {
+                    // `process.send({corral: ...})`: a worker message for corral itself.
+                    let inner = object.remove("corral").unwrap_or_default();
+                    match serde_json::from_value::<WorkerMessage>(inner) {
+                        Ok(message) => {
+                            if let Some(message) = to_bus(bus, pid, message).await {
+                                events.send(Event::Worker { pid, message }).ok()?;
+                            }
+                        }
+                        Err(e) => crate::log!(
+                            "pid {pid} sent {{corral: ...}} that is not a corral message ({e}); \
+                             clients/node/corral.js sends them right"
+                        ),
+                    }
                 }
                 FromWorker::Plain(data) => {
                     let message = WorkerMessage::Message { data };

@@ -85,6 +85,12 @@ impl Home {
             .join(format!("{app}-{instance}-{}.log", stream.as_str()))
     }
 
+    /// The log file of an app's agent.
+    pub fn agent_log_file(&self, app: &str, stream: corral_proto::Stream) -> PathBuf {
+        self.logs_dir()
+            .join(format!("{app}-agent-{}.log", stream.as_str()))
+    }
+
     /// The drain preload for Node cluster workers (`crates/daemon/js/drain.js`), written by
     /// [`Home::prepare`].
     pub fn node_drain(&self) -> PathBuf {

@@ -12,6 +12,7 @@
 
 pub mod accept;
 pub mod balance;
+pub mod bus;
 pub mod channel;
 pub mod dump;
 pub mod home;
@@ -147,8 +148,14 @@ async fn serve(
         }
     });
     let shutdown = Arc::new(Notify::new());
-    tokio::spawn(supervisor::Supervisor::new(home.clone(), events.clone()).run(inbox));
-    tokio::spawn(server::serve(listener, events.clone(), shutdown.clone()));
+    let bus = bus::Bus::new(home.root().join("state.json"));
+    tokio::spawn(supervisor::Supervisor::new(home.clone(), events.clone(), bus.clone()).run(inbox));
+    tokio::spawn(server::serve(
+        listener,
+        events.clone(),
+        shutdown.clone(),
+        bus.clone(),
+    ));
     log!(
         "corral daemon {} (pid {}) listening on {}",
         corral_proto::PACKAGE_VERSION,
@@ -165,7 +172,10 @@ async fn serve(
     }
     loop {
         tokio::select! {
-            () = shutdown.notified() => return Ok(()),
+            () = shutdown.notified() => {
+                bus.flush().await;
+                return Ok(());
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => log!("SIGHUP ignored (stop the daemon with `corral kill` or SIGTERM)"),
@@ -173,5 +183,6 @@ async fn serve(
     }
     log!("stopping every app before exiting");
     let _ = server::ask(&events, corral_proto::Request::Kill).await;
+    bus.flush().await;
     Ok(())
 }

@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use crate::bus::Bus;
 use crate::logs::Follower;
 use crate::supervisor::{Event, LogSource};
 
@@ -28,6 +29,7 @@ pub async fn serve(
     listener: UnixListener,
     events: mpsc::UnboundedSender<Event>,
     shutdown: Arc<Notify>,
+    bus: Arc<Bus>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut accept_error_logged = false;
@@ -37,6 +39,7 @@ pub async fn serve(
                 accept_error_logged = false;
                 let events = events.clone();
                 let shutdown = shutdown.clone();
+                let bus = bus.clone();
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     tokio::spawn(async move {
                         let mut stream = stream;
@@ -52,7 +55,7 @@ pub async fn serve(
                     continue;
                 };
                 tokio::spawn(async move {
-                    connection(stream, events, shutdown).await;
+                    connection(stream, events, shutdown, bus).await;
                     drop(slot);
                 });
             }
@@ -76,6 +79,7 @@ async fn connection(
     mut stream: UnixStream,
     events: mpsc::UnboundedSender<Event>,
     shutdown: Arc<Notify>,
+    bus: Arc<Bus>,
 ) {
     let me = corral_sys::effective_uid();
     match stream.peer_cred() {
@@ -156,6 +160,32 @@ async fn connection(
                 let _ = frame::write(&mut stream, &response).await;
                 shutdown.notify_one();
                 return;
+            }
+            Request::Start { apps, base_env } => {
+                // A Redis store must answer before its apps start.
+                let mut refused = None;
+                for spec in &apps {
+                    if let corral_proto::StateBackend::Redis(_) = spec.state
+                        && let Err(e) = bus.store(&spec.state).await
+                    {
+                        refused = Some(Response::error(
+                            ErrorKind::InvalidSpec,
+                            format!(
+                                "app '{}': its state store is unreachable: {e}. Start Redis, \
+                                 or fix --state",
+                                spec.name
+                            ),
+                        ));
+                        break;
+                    }
+                }
+                let response = match refused {
+                    Some(response) => response,
+                    None => ask(&events, Request::Start { apps, base_env }).await,
+                };
+                if frame::write(&mut stream, &response).await.is_err() {
+                    return;
+                }
             }
             request => {
                 let response = ask(&events, request).await;

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::balance::{Balancer, Codec, Conduit};
+use crate::bus::{Bus, Joining};
 use crate::dump;
 use crate::home::Home;
 use crate::listeners::{self, Listener};
@@ -36,6 +37,8 @@ pub const MAX_INSTANCES: u32 = 1024;
 /// An app's env variable that, set to `off`, leaves the drain preload (`js/drain.js`) out of
 /// its Node cluster workers.
 const NODE_DRAIN_SWITCH: &str = "CORRAL_NODE_DRAIN";
+/// The instance index of an app's agent (its log files say `agent` instead).
+pub const AGENT_INDEX: u32 = u32::MAX;
 const LINGER_POLL: Duration = Duration::from_millis(20);
 
 /// What the supervisor reacts to.
@@ -216,6 +219,12 @@ struct Instance {
     out: Arc<LogSink>,
     err: Arc<LogSink>,
     want_running: bool,
+    /// The app's agent (`--agent`), not one of its workers.
+    agent: bool,
+    /// A worker waiting for its app's agent to be ready before it starts.
+    held: bool,
+    /// An agent asked to stop, which waits for its app's workers to be down first.
+    stop_after_workers: bool,
 }
 
 #[derive(Debug)]
@@ -362,6 +371,7 @@ pub struct Supervisor {
     epoch: Instant,
     cpu: CpuSampler,
     shutting_down: bool,
+    bus: Arc<Bus>,
 }
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -377,7 +387,7 @@ fn describe_exit(exit: ExitKind) -> String {
 
 impl Supervisor {
     /// A supervisor with no apps; `events` is the sender of the channel [`Supervisor::run`] reads.
-    pub fn new(home: Home, events: mpsc::UnboundedSender<Event>) -> Supervisor {
+    pub fn new(home: Home, events: mpsc::UnboundedSender<Event>, bus: Arc<Bus>) -> Supervisor {
         Supervisor {
             home,
             apps: Vec::new(),
@@ -393,6 +403,7 @@ impl Supervisor {
             epoch: Instant::now(),
             cpu: CpuSampler::default(),
             shutting_down: false,
+            bus,
         }
     }
 
@@ -400,6 +411,8 @@ impl Supervisor {
     pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
         while let Some(event) = events.recv().await {
             self.handle(event);
+            self.stop_agents_after_workers();
+            self.release_held_workers();
             self.settle_waiters();
             self.advance_reloads();
             self.settle_ready_waiters();
@@ -560,7 +573,48 @@ impl Supervisor {
                 Err(response) => response,
             },
             Request::Signal { target, signal } => self.signal(&target, signal),
-            Request::Send { target, data } => self.send(&target, &data),
+            Request::Send {
+                target,
+                data,
+                reply: true,
+                timeout_ms,
+            } => match self.resolve(&target) {
+                Ok(ids) => {
+                    let pids: Vec<u32> = ids
+                        .iter()
+                        .filter_map(|&id| self.instance_mut(id)?.process.as_ref().map(|p| p.pid))
+                        .collect();
+                    let [pid] = pids.as_slice() else {
+                        let _ = reply.send(error(
+                            ErrorKind::UnknownTarget,
+                            format!(
+                                "--reply waits for one process; {} of {target} are running: \
+                                 name one by its id (`corral ls`)",
+                                pids.len()
+                            ),
+                        ));
+                        return;
+                    };
+                    self.bus.request_from_cli(*pid, data, timeout_ms, reply);
+                    return;
+                }
+                Err(response) => response,
+            },
+            Request::Send { target, data, .. } => self.send(&target, &data),
+            Request::State { app, call } => {
+                let backend = match self.state_backend(app.as_deref()) {
+                    Ok(backend) => backend,
+                    Err(response) => {
+                        let _ = reply.send(response);
+                        return;
+                    }
+                };
+                let bus = self.bus.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(bus.cli_state(&backend, call).await);
+                });
+                return;
+            }
             Request::Logs { .. } => error(
                 ErrorKind::BadFrame,
                 "logs requests are served by the connection, not the supervisor",
@@ -643,6 +697,35 @@ impl Supervisor {
             Some(app) => Ok(app.instances.iter().map(|i| i.id).collect()),
             None => Err(self.unknown_app(target)),
         }
+    }
+
+    /// The store of app `name`; without a name, the one every app uses (the daemon's memory
+    /// when there is no app).
+    fn state_backend(&self, name: Option<&str>) -> Result<corral_proto::StateBackend, Response> {
+        if let Some(name) = name {
+            return self
+                .apps
+                .iter()
+                .find(|a| a.spec.name == name)
+                .map(|app| app.spec.state.clone())
+                .ok_or_else(|| self.unknown_app(name));
+        }
+        let backends: BTreeSet<String> =
+            self.apps.iter().map(|a| a.spec.state.to_string()).collect();
+        if backends.len() > 1 {
+            return Err(error(
+                ErrorKind::InvalidSpec,
+                format!(
+                    "the apps use different state stores ({}): say which app's with --app",
+                    backends.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        Ok(self
+            .apps
+            .first()
+            .map(|a| a.spec.state.clone())
+            .unwrap_or_default())
     }
 
     fn unknown_app(&self, name: &str) -> Response {
@@ -751,21 +834,31 @@ impl Supervisor {
             node_servers: BTreeMap::new(),
         });
         let app = self.apps.len() - 1;
-        (0..count)
-            .map(|index| self.add_instance(app, index))
-            .collect()
+        let mut ids = Vec::new();
+        if self.apps[app].spec.agent.is_some() {
+            ids.push(self.add_process(app, AGENT_INDEX, true));
+        }
+        ids.extend((0..count).map(|index| self.add_instance(app, index)));
+        ids
     }
 
     fn add_instance(&mut self, app: usize, index: u32) -> u32 {
+        self.add_process(app, index, false)
+    }
+
+    /// An instance, the app's agent when `agent` (its index is [`AGENT_INDEX`]); started at
+    /// once, or for a worker once the app's agent is ready.
+    fn add_process(&mut self, app: usize, index: u32, agent: bool) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
         let spec = &self.apps[app].spec;
         let sink = |stream| {
-            LogSink::new(
-                self.home.log_file(&spec.name, index, stream),
-                spec.log_max_size,
-                spec.log_keep,
-            )
+            let path = if agent {
+                self.home.agent_log_file(&spec.name, stream)
+            } else {
+                self.home.log_file(&spec.name, index, stream)
+            };
+            LogSink::new(path, spec.log_max_size, spec.log_keep)
         };
         let instance = Instance {
             id,
@@ -778,10 +871,86 @@ impl Supervisor {
             out: sink(Stream::Out),
             err: sink(Stream::Err),
             want_running: true,
+            agent,
+            held: false,
+            stop_after_workers: false,
         };
+        let agent_pending = !agent
+            && self.apps[app]
+                .instances
+                .iter()
+                .any(|i| i.agent && i.want_running && i.status != Status::Online);
         self.apps[app].instances.push(instance);
-        self.spawn(id);
+        if agent_pending {
+            let inst = self.instance_mut(id).expect("just added");
+            inst.held = true;
+        } else {
+            self.spawn(id);
+        }
         id
+    }
+
+    /// Starts the workers that waited for their agent, once it is ready (or will not be: then
+    /// they start without it, and the log says so).
+    fn release_held_workers(&mut self) {
+        let mut release = Vec::new();
+        for app in &self.apps {
+            if !app.instances.iter().any(|i| i.held) {
+                continue;
+            }
+            let agent = app.instances.iter().find(|i| i.agent);
+            let waiting = agent.is_some_and(|a| {
+                a.want_running && matches!(a.status, Status::Starting | Status::BackingOff)
+            });
+            if waiting {
+                continue;
+            }
+            if let Some(agent) = agent
+                && agent.status != Status::Online
+            {
+                crate::log!(
+                    "app '{}': its agent is {}; starting the workers without it",
+                    app.spec.name,
+                    agent.status
+                );
+            }
+            release.extend(app.instances.iter().filter(|i| i.held).map(|i| i.id));
+        }
+        for id in release {
+            if let Some(inst) = self.instance_mut(id) {
+                inst.held = false;
+                if inst.want_running {
+                    self.spawn(id);
+                }
+            }
+        }
+    }
+
+    /// Stops the agents asked to stop once their app's workers being stopped are down: an agent
+    /// is stopped last.
+    fn stop_agents_after_workers(&mut self) {
+        let mut due = Vec::new();
+        for app in &self.apps {
+            let workers_stopping = app
+                .instances
+                .iter()
+                .any(|i| !i.agent && !i.want_running && i.process.is_some());
+            if workers_stopping {
+                continue;
+            }
+            due.extend(
+                app.instances
+                    .iter()
+                    .filter(|i| i.agent && i.stop_after_workers)
+                    .map(|i| i.id),
+            );
+        }
+        for id in due {
+            if let Some(inst) = self.instance_mut(id) {
+                inst.stop_after_workers = false;
+            }
+            self.stop(id);
+        }
     }
 
     fn describe(&mut self, target: &str) -> Response {
@@ -852,7 +1021,7 @@ impl Supervisor {
         let Some(app) = self.apps.iter().position(|a| a.spec.name == name) else {
             return Err(self.unknown_app(name));
         };
-        let current = self.apps[app].instances.len() as u32;
+        let current = self.apps[app].instances.iter().filter(|i| !i.agent).count() as u32;
         self.apps[app].spec.instances = count;
         if count >= current {
             let mut added = Vec::new();
@@ -868,6 +1037,7 @@ impl Supervisor {
         let mut by_index: Vec<(u32, u32)> = self.apps[app]
             .instances
             .iter()
+            .filter(|i| !i.agent)
             .map(|i| (i.index, i.id))
             .collect();
         by_index.sort_unstable();
@@ -926,7 +1096,11 @@ impl Supervisor {
             let Some(conduit) = conduit else { continue };
             match conduit.codec() {
                 Codec::Node => conduit.send_line(|_| node::line(data)),
-                Codec::Corral => conduit.send(&MasterMessage::Message { data: data.clone() }),
+                Codec::Corral => conduit.send(&MasterMessage::Message {
+                    data: data.clone(),
+                    from: Some("cli".into()),
+                    request: None,
+                }),
             }
             sent += 1;
         }
@@ -1032,31 +1206,45 @@ impl Supervisor {
         let app = &self.apps[a];
         let spec = &app.spec;
         let inst = &app.instances[i];
-        let (program, mut args) = match &spec.interpreter {
+        // The agent runs its own program, as a plain process: no listening sockets, no port,
+        // not a Node cluster worker.
+        let agent = spec.agent.as_ref().filter(|_| inst.agent);
+        let (interpreter, interpreter_args, script, script_args) = match agent {
+            Some(a) => (&a.interpreter, &a.interpreter_args, &a.script, &a.args),
+            None => (
+                &spec.interpreter,
+                &spec.interpreter_args,
+                &spec.script,
+                &spec.args,
+            ),
+        };
+        let node = corral_proto::runs_on_node(interpreter.as_deref());
+        let node_cluster = agent.is_none() && spec.is_node_cluster();
+        let (program, mut args) = match interpreter {
             Some(interpreter) => {
-                let mut args = spec.interpreter_args.clone();
-                if spec.is_node_cluster()
-                    && spec.env.get(NODE_DRAIN_SWITCH).is_none_or(|v| v != "off")
-                {
+                let mut args = interpreter_args.clone();
+                if node_cluster && spec.env.get(NODE_DRAIN_SWITCH).is_none_or(|v| v != "off") {
                     args.push("--require".into());
                     args.push(self.home.node_drain().to_string_lossy().into_owned());
                 }
-                args.push(spec.script.to_string_lossy().into_owned());
+                args.push(script.to_string_lossy().into_owned());
                 (std::ffi::OsString::from(interpreter), args)
             }
-            None => (spec.script.clone().into_os_string(), Vec::new()),
+            None => (script.clone().into_os_string(), Vec::new()),
         };
-        args.extend(spec.args.iter().cloned());
+        args.extend(script_args.iter().cloned());
         // The channel to the master, and in shared mode the listening sockets, at fixed numbers:
         // listeners from 3 (systemd's convention), the channel right after them.
         let listen_fds: Vec<_> = match spec.lb {
-            corral_proto::LbMode::Shared => app.listeners.iter().map(|l| l.fd.as_fd()).collect(),
+            corral_proto::LbMode::Shared if agent.is_none() => {
+                app.listeners.iter().map(|l| l.fd.as_fd()).collect()
+            }
             _ => Vec::new(),
         };
         // Proxy mode: a fresh port for every process, so that an old and a new one of the same
         // instance can run side by side during a reload.
         let port = match spec.lb {
-            corral_proto::LbMode::Proxy => match proxy::free_port() {
+            corral_proto::LbMode::Proxy if agent.is_none() => match proxy::free_port() {
                 Ok(port) => Some(port),
                 Err(e) => {
                     crate::log!(
@@ -1087,8 +1275,7 @@ impl Supervisor {
             shim
         };
         let channel_fd = 3 + listen_fds.len() as i32;
-        let node = spec.runs_on_node();
-        let node_cluster = spec.is_node_cluster();
+        let role = if agent.is_some() { "agent" } else { "worker" };
         command
             .args(&args)
             .current_dir(&spec.cwd)
@@ -1101,6 +1288,7 @@ impl Supervisor {
             .env(env::NODE_APP_INSTANCE, inst.index.to_string())
             .env(env::CORRAL_WORKER_ID, id.to_string())
             .env(env::CORRAL_LB, spec.lb.to_string())
+            .env(env::CORRAL_ROLE, role)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1148,7 +1336,11 @@ impl Supervisor {
             Ok((child, master_end))
         });
         drop(command);
-        let wait_ready = app.spec.needs_ready();
+        let wait_ready = if agent.is_some() {
+            spec.wait_ready
+        } else {
+            spec.needs_ready()
+        };
         let codec = if node { Codec::Node } else { Codec::Corral };
         let stop_by_message = spec.shutdown_with_message;
         let listen_timeout = Duration::from_millis(spec.listen_timeout_ms);
@@ -1156,6 +1348,7 @@ impl Supervisor {
         let min_uptime = Duration::from_millis(spec.min_uptime_ms);
         let policy = app.policy();
         let name = spec.name.clone();
+        let backend = spec.state.clone();
         let cwd = spec.cwd.display().to_string();
         let now = self.epoch.elapsed();
         let inst = &mut self.apps[a].instances[i];
@@ -1166,7 +1359,21 @@ impl Supervisor {
                 let conduit = match crate::channel::open(channel) {
                     Ok(stream) => {
                         let conduit = Conduit::new(pid, codec, stream);
-                        tokio::spawn(crate::channel::read(conduit.clone(), self.events.clone()));
+                        self.bus.join(
+                            Joining {
+                                pid,
+                                id,
+                                app: name.clone(),
+                                agent: inst.agent,
+                                backend: backend.clone(),
+                            },
+                            conduit.clone(),
+                        );
+                        tokio::spawn(crate::channel::read(
+                            conduit.clone(),
+                            self.events.clone(),
+                            self.bus.clone(),
+                        ));
                         Some(conduit)
                     }
                     Err(e) => {
@@ -1264,6 +1471,22 @@ impl Supervisor {
         let inst = &mut self.apps[a].instances[i];
         inst.want_running = false;
         inst.token += 1;
+        inst.held = false;
+        if inst.agent && inst.process.is_some() && !inst.stop_after_workers {
+            let workers_up = self.apps[a]
+                .instances
+                .iter()
+                .any(|w| !w.agent && w.process.is_some());
+            if workers_up {
+                // Workers may still need it while they finish; it goes once they are down
+                // (or at once when they keep running: see `stop_agents_after_workers`).
+                let inst = &mut self.apps[a].instances[i];
+                inst.stop_after_workers = true;
+                inst.status = Status::Stopping;
+                return;
+            }
+        }
+        let inst = &mut self.apps[a].instances[i];
         match inst.process.as_mut() {
             Some(process) => {
                 inst.status = Status::Stopping;
@@ -1488,7 +1711,7 @@ impl Supervisor {
         let now = self.epoch.elapsed();
         let probed = app.spec.needs_ready() || app.spec.lb == corral_proto::LbMode::Proxy;
         let inst = &mut app.instances[i];
-        if probed && inst.status == Status::Starting {
+        if (probed || (inst.agent && app.spec.wait_ready)) && inst.status == Status::Starting {
             // It never said it is ready, so it never started: its exit is unstable however long
             // it took (a listen timeout longer than min_uptime must not hide a crash loop).
             policy.min_uptime = Duration::MAX;
@@ -1505,9 +1728,13 @@ impl Supervisor {
         } else {
             ExitCause::Requested
         };
+        let which = if inst.agent {
+            "agent".to_string()
+        } else {
+            format!("instance {}", inst.index)
+        };
         crate::log!(
-            "app '{name}' instance {} (pid {pid}) {how} after {:.1}s",
-            inst.index,
+            "app '{name}' {which} (pid {pid}) {how} after {:.1}s",
             process.started.elapsed().as_secs_f64()
         );
         if in_reload && cause == ExitCause::Unexpected {
@@ -1598,9 +1825,13 @@ impl Supervisor {
                 crate::log!("app '{name}' instance {} says: {data}", inst.index);
             }
             // Answers about connections stay with the channel's reader and its conduit.
+            // ... and bus and state messages with the bus.
             WorkerMessage::Accepted { .. }
             | WorkerMessage::Refused { .. }
-            | WorkerMessage::Closed { .. } => {}
+            | WorkerMessage::Closed { .. }
+            | WorkerMessage::Send { .. }
+            | WorkerMessage::Reply { .. }
+            | WorkerMessage::State { .. } => {}
             WorkerMessage::GoingDown { reason } => {
                 // The seed's graceful restart: the replacement starts now, the old process
                 // finishes its work and exits on its own (SIGKILL after the kill timeout). Its
@@ -1654,12 +1885,13 @@ impl Supervisor {
         let last = names.len() - 1;
         let mut reply = Some(reply);
         for (n, name) in names.into_iter().enumerate() {
-            let mut queue: Vec<(u32, u32)> = self
+            let mut queue: Vec<(bool, u32, u32)> = self
                 .apps
                 .iter()
                 .filter(|a| a.spec.name == name)
-                .flat_map(|a| a.instances.iter().map(|i| (i.index, i.id)))
+                .flat_map(|a| a.instances.iter().map(|i| (!i.agent, i.index, i.id)))
                 .collect();
+            // The agent first, as at start.
             queue.sort_unstable();
             crate::log!(
                 "reloading app '{name}': {} instance(s), one at a time",
@@ -1667,7 +1899,7 @@ impl Supervisor {
             );
             self.reloads.push(Reload {
                 app: name,
-                queue: queue.into_iter().map(|(_, id)| id).collect(),
+                queue: queue.into_iter().map(|(_, _, id)| id).collect(),
                 step: None,
                 reply: if n == last { reply.take() } else { None },
             });
@@ -1914,7 +2146,7 @@ impl Supervisor {
                 let ready = app
                     .instances
                     .iter()
-                    .filter(|i| i.status == Status::Online)
+                    .filter(|i| i.status == Status::Online && !i.agent)
                     .filter_map(|i| i.process.as_ref())
                     .filter(|p| server.members.contains(&p.pid))
                     .filter_map(|p| p.conduit.clone())
@@ -1925,7 +2157,7 @@ impl Supervisor {
                 let ready = app
                     .instances
                     .iter()
-                    .filter(|i| i.status == Status::Online)
+                    .filter(|i| i.status == Status::Online && !i.agent)
                     .filter_map(|i| i.process.as_ref()?.conduit.clone())
                     .collect();
                 balancer.set(ready);
@@ -1934,7 +2166,7 @@ impl Supervisor {
             let ready = app
                 .instances
                 .iter()
-                .filter(|i| i.status == Status::Online)
+                .filter(|i| i.status == Status::Online && !i.agent)
                 .filter_map(|i| i.process.as_ref()?.port)
                 .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
                 .collect();
@@ -2094,6 +2326,11 @@ impl Supervisor {
             cpu_percent,
             memory_bytes,
             last_exit: inst.last_exit.clone(),
+            role: if inst.agent {
+                corral_proto::Role::Agent
+            } else {
+                corral_proto::Role::Worker
+            },
             listen: app
                 .listeners
                 .iter()

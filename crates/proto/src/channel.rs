@@ -51,6 +51,168 @@ pub enum WorkerMessage {
         /// The `id` of the [`MasterMessage::Connection`].
         id: u64,
     },
+    /// A message on the bus, answered by exactly one [`MasterMessage::Reply`] with the same `id`:
+    /// with `request`, the recipient's answer (or why there is none); without, how many got it.
+    Send {
+        /// The sender's number for this message, unique among its unanswered ones.
+        id: u64,
+        /// [`Target`] syntax: `agent`, `workers`, `worker:<id>`, `app:<name>` or `all`.
+        to: String,
+        /// Any JSON.
+        data: serde_json::Value,
+        /// Wait for the recipient's [`WorkerMessage::Reply`] (one recipient only).
+        #[serde(default)]
+        request: bool,
+        /// With `request`: how long to wait, in milliseconds ([`DEFAULT_REQUEST_TIMEOUT_MS`]).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// The answer to a [`MasterMessage::Message`] that carried `request`.
+    Reply {
+        /// The `request` number of that message.
+        request: u64,
+        /// The answer.
+        #[serde(default)]
+        data: serde_json::Value,
+        /// Or why there is none.
+        #[serde(default)]
+        error: Option<String>,
+    },
+    /// A shared-state operation, answered by a [`MasterMessage::State`] with the same `id`.
+    State {
+        /// The worker's number for this call, unique among its unanswered ones.
+        id: u64,
+        /// What to do.
+        call: StateCall,
+    },
+}
+
+/// An operation on the shared state (key/value and pub/sub). Values and messages are UTF-8
+/// strings (JSON encoded by the caller when it wants structure); keys, channels and patterns at
+/// most 1 KiB, values and messages at most 512 KiB.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StateCall {
+    /// The value of `key`: a string, or `null` when it is not set. Answer: the value.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Sets `key`, for `ttl_ms` milliseconds when given. Answer: `true`.
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Time to live.
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+    },
+    /// Removes `key`. Answer: whether it was set.
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// Adds `by` to the integer in `key` (a missing key counts as 0). Answer: the new value.
+    Incr {
+        /// The key.
+        key: String,
+        /// The increment (may be negative).
+        #[serde(default = "one")]
+        by: i64,
+    },
+    /// Sets `key` to `new` (removes it when `null`) only if its value is `expected` (`null`:
+    /// only if it is not set). Answer: whether it swapped.
+    Cas {
+        /// The key.
+        key: String,
+        /// The value it must have now.
+        expected: Option<String>,
+        /// The value it gets.
+        new: Option<String>,
+        /// Time to live of the new value.
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+    },
+    /// The keys matching a glob pattern (`*`, `?`, `[a-z]`), sorted. Answer: an array.
+    Keys {
+        /// The pattern.
+        pattern: String,
+    },
+    /// Publishes `message` on `channel`. Answer: how many subscriptions got it.
+    Publish {
+        /// The channel.
+        channel: String,
+        /// The message.
+        message: String,
+    },
+    /// From now on, messages on channels matching `pattern` come as
+    /// [`MasterMessage::Published`]. Answer: `true`.
+    Subscribe {
+        /// A glob pattern (`news.*`); a plain channel name matches itself.
+        pattern: String,
+    },
+    /// Undoes a [`StateCall::Subscribe`]. Answer: `true`.
+    Unsubscribe {
+        /// The pattern as subscribed.
+        pattern: String,
+    },
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// How long a request on the bus waits for its answer unless it says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
+
+/// Where a bus message goes, from the sender's point of view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The agent of the sender's app.
+    Agent,
+    /// Every worker of the sender's app but the sender.
+    Workers,
+    /// One instance (worker or agent) by id.
+    Worker(u32),
+    /// Every instance of an app (its agent included) but the sender.
+    App(String),
+    /// Every instance of every app but the sender.
+    All,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Target, String> {
+        let bad = || {
+            format!(
+                "'{text}' is not a bus target: say agent, workers, worker:<id>, app:<name> or all"
+            )
+        };
+        match text {
+            "agent" => Ok(Target::Agent),
+            "workers" => Ok(Target::Workers),
+            "all" => Ok(Target::All),
+            _ => match text.split_once(':') {
+                Some(("worker", id)) => id.parse().map(Target::Worker).map_err(|_| bad()),
+                Some(("app", name)) if !name.is_empty() => Ok(Target::App(name.to_string())),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Agent => f.write_str("agent"),
+            Target::Workers => f.write_str("workers"),
+            Target::Worker(id) => write!(f, "worker:{id}"),
+            Target::App(name) => write!(f, "app:{name}"),
+            Target::All => f.write_str("all"),
+        }
+    }
 }
 
 /// What the master tells a worker.
@@ -69,9 +231,47 @@ pub enum MasterMessage {
     /// The master is about to stop this worker (a reload, `stop`, `scale`): take no more work,
     /// finish the open work, exit. The stop signal follows.
     Shutdown,
-    /// A message for the program (`corral send`).
+    /// A message for the program: from `corral send`, or from another worker on the bus.
     Message {
         /// Any JSON.
         data: serde_json::Value,
+        /// Who sent it: `worker:<id>` (an agent is a worker too) or `cli`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+        /// Present when the sender waits for an answer: send a [`WorkerMessage::Reply`] with
+        /// this number.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<u64>,
+    },
+    /// The answer to the worker's [`WorkerMessage::Send`] number `id`.
+    Reply {
+        /// The `id` of the send.
+        id: u64,
+        /// With `request`: the recipient's answer; without: `{"delivered": n}`.
+        #[serde(default)]
+        data: serde_json::Value,
+        /// Why it failed: an unknown target, no recipient, no answer in time, a full queue.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// The answer to the worker's [`WorkerMessage::State`] number `id`.
+    State {
+        /// The `id` of the call.
+        id: u64,
+        /// The result (see [`StateCall`]), when it worked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ok: Option<serde_json::Value>,
+        /// What went wrong (the store is unreachable, a value is too large, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A message published on a channel matching one of the worker's subscriptions.
+    Published {
+        /// The subscription's pattern.
+        pattern: String,
+        /// The channel it was published on.
+        channel: String,
+        /// The message.
+        message: String,
     },
 }

@@ -24,3 +24,5 @@ pub const LISTEN_PID: &str = "LISTEN_PID";
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 /// How connections reach the app's workers: `rr`, `least-conn`, `shared` or `proxy`.
 pub const CORRAL_LB: &str = "CORRAL_LB";
+/// `worker`, or `agent` for an app's agent (`--agent`): one process, never given connections.
+pub const CORRAL_ROLE: &str = "CORRAL_ROLE";

@@ -115,6 +115,20 @@ pub enum Request {
         target: String,
         /// Any JSON.
         data: serde_json::Value,
+        /// Wait for the instance's answer (one instance only), at most `timeout_ms`.
+        #[serde(default)]
+        reply: bool,
+        /// How long to wait for the answer.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// A shared-state operation on an app's store (`corral state`).
+    State {
+        /// The app whose store; `None`: the store every app uses (the daemon's memory when
+        /// there is no app).
+        app: Option<String>,
+        /// What to do.
+        call: crate::channel::StateCall,
     },
 }
 
@@ -178,6 +192,11 @@ pub enum Response {
     },
     /// The end of a log answer without `follow`.
     LogEnd,
+    /// A value: a state operation's result, an instance's answer to `send --reply`.
+    Value {
+        /// Any JSON.
+        value: serde_json::Value,
+    },
     /// Something was done; the text says what.
     Done {
         /// One line for the user.
@@ -301,24 +320,92 @@ pub struct AppSpec {
     /// kill timeout.
     #[serde(default)]
     pub shutdown_with_message: bool,
+    /// The app's agent: one more process, started and ready before the workers, stopped after
+    /// them, never given connections, with `CORRAL_ROLE=agent`.
+    #[serde(default)]
+    pub agent: Option<AgentSpec>,
+    /// Where the app's shared state lives.
+    #[serde(default)]
+    pub state: StateBackend,
+}
+
+/// How to run an app's agent. It shares the app's working directory, environment and restart
+/// policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    /// Absolute path of the script or binary.
+    pub script: PathBuf,
+    /// Program that runs the script; `None` executes it itself.
+    #[serde(default)]
+    pub interpreter: Option<String>,
+    /// Arguments given to the interpreter before the script.
+    #[serde(default)]
+    pub interpreter_args: Vec<String>,
+    /// Arguments after the script.
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// Where an app's shared state (key/value, pub/sub) lives: `memory` (the daemon's, lost when it
+/// stops), `saved` (the daemon's, kept in `$CORRAL_HOME/state.json`) or a Redis URL
+/// (`redis://host:port/db`, shared by every corral that uses it).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum StateBackend {
+    /// In the daemon's memory.
+    #[default]
+    Memory,
+    /// In the daemon's memory and saved in its home.
+    Saved,
+    /// On a Redis server.
+    Redis(String),
+}
+
+impl fmt::Display for StateBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StateBackend::Memory => f.write_str("memory"),
+            StateBackend::Saved => f.write_str("saved"),
+            StateBackend::Redis(url) => f.write_str(url),
+        }
+    }
+}
+
+impl std::str::FromStr for StateBackend {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<StateBackend, String> {
+        match text {
+            "memory" => Ok(StateBackend::Memory),
+            "saved" => Ok(StateBackend::Saved),
+            url if url.starts_with("redis://") => Ok(StateBackend::Redis(url.to_string())),
+            other => Err(format!(
+                "'{other}' is not a state store: say memory, saved or redis://host:port/db"
+            )),
+        }
+    }
+}
+
+impl From<StateBackend> for String {
+    fn from(backend: StateBackend) -> String {
+        backend.to_string()
+    }
+}
+
+impl TryFrom<String> for StateBackend {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<StateBackend, String> {
+        text.parse()
+    }
 }
 
 impl AppSpec {
     /// Whether the app runs under Node.js: its interpreter is `node`, `nodejs` or `node` and a
     /// version (`node18`), by file name.
     pub fn runs_on_node(&self) -> bool {
-        self.interpreter.as_deref().is_some_and(|i| {
-            let name = std::path::Path::new(i)
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default();
-            name == "nodejs"
-                || name.strip_prefix("node").is_some_and(|version| {
-                    version
-                        .chars()
-                        .all(|c| c.is_ascii_digit() || c == '.' || c == '-')
-                })
-        })
+        runs_on_node(self.interpreter.as_deref())
     }
 
     /// Whether corral is the app's Node.js cluster primary.
@@ -334,6 +421,23 @@ impl AppSpec {
             || (self.lb.over_channel() && !self.listen.is_empty())
             || self.is_node_cluster()
     }
+}
+
+/// Whether a program run by `interpreter` runs under Node.js: `node`, `nodejs`, or `node` and a
+/// version (`node18`), by file name.
+pub fn runs_on_node(interpreter: Option<&str>) -> bool {
+    interpreter.is_some_and(|i| {
+        let name = std::path::Path::new(i)
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        name == "nodejs"
+            || name.strip_prefix("node").is_some_and(|version| {
+                version
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || c == '.' || c == '-')
+            })
+    })
 }
 
 /// How a Node.js app runs (PM2's `exec_mode`); other programs ignore it.
@@ -464,6 +568,8 @@ impl AppSpec {
             listen_timeout_ms: defaults::listen_timeout_ms(),
             exec_mode: ExecMode::Fork,
             shutdown_with_message: false,
+            agent: None,
+            state: StateBackend::Memory,
         }
     }
 }
@@ -538,9 +644,23 @@ pub struct InstanceInfo {
     pub memory_bytes: u64,
     /// How the previous process ended, or why the instance is errored.
     pub last_exit: Option<String>,
+    /// Worker or agent.
+    #[serde(default)]
+    pub role: Role,
     /// The app's listening addresses, with the ports the kernel chose for port 0.
     #[serde(default)]
     pub listen: Vec<String>,
+}
+
+/// What an instance is to its app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// One of the app's workers.
+    #[default]
+    Worker,
+    /// The app's agent (`--agent`).
+    Agent,
 }
 
 /// Everything about one app, for `describe`.

@@ -1,18 +1,29 @@
 //! The worker's end of its channel to the master: frames out under a lock, and a reader thread
-//! (started on first need) that queues the connections the master hands over and notes when it
-//! asks this worker to shut down. Works with any runtime, or none: waiting is a condition
-//! variable for blocking callers and a waker for async ones.
+//! (started on first need) that queues the connections the master hands over, notes when it
+//! asks this worker to shut down, queues bus messages and requests, hands the answers to calls
+//! ([`calls`]) to their waiters and published messages to their subscriptions ([`feeds`]).
+//! Works with any runtime, or none: waiting is a condition variable for blocking callers and a
+//! waker for async ones.
 
-use std::collections::VecDeque;
+pub(crate) mod calls;
+pub(crate) mod feeds;
+
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Condvar, Mutex, MutexGuard, Once, OnceLock, PoisonError};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use corral_proto::channel::{MAX_CHANNEL_FRAME_LEN, MasterMessage, WorkerMessage};
 use corral_proto::env;
+
+use crate::bus::Message;
+use crate::state::Published;
+use calls::{CallError, Kind, Pending};
+use feeds::Feed;
 
 /// A connection the master handed over, not yet taken by the program.
 #[derive(Debug)]
@@ -32,9 +43,21 @@ struct Inbox {
     closed: bool,
     /// The one async consumer waiting for a connection (the latest poll's waker).
     connection_waker: Option<Waker>,
-    /// Messages from the master (`corral send`), oldest first, at most [`MAX_MESSAGES`].
-    messages: VecDeque<serde_json::Value>,
+    /// Messages from the master (`corral send`, the bus), oldest first, at most
+    /// [`MAX_MESSAGES`].
+    messages: VecDeque<Message>,
     message_waker: Option<Waker>,
+    /// Requests on the bus, not yet taken by the program, at most [`MAX_MESSAGES`].
+    requests: VecDeque<Asked>,
+    request_waker: Option<Waker>,
+}
+
+/// A request on the bus as it came: the program answers it with [`Channel::reply`].
+#[derive(Debug)]
+pub(crate) struct Asked {
+    pub number: u64,
+    pub from: String,
+    pub data: serde_json::Value,
 }
 
 #[derive(Debug)]
@@ -49,6 +72,16 @@ pub(crate) struct Channel {
     /// Whether a shutdown began, for any number of async waiters.
     #[cfg(feature = "tokio")]
     shutdown_signal: ::tokio::sync::watch::Sender<bool>,
+    /// The number of the next call (bus sends and state calls alike).
+    next_id: AtomicU64,
+    /// The calls waiting for an answer.
+    pending: Mutex<Pending>,
+    /// The open subscriptions, by pattern: the master knows each pattern once, however many
+    /// subscriptions of this process share it.
+    feeds: Mutex<HashMap<String, Vec<Arc<Feed>>>>,
+    /// Held while a subscribe or unsubscribe is decided and written, so that the master sees them
+    /// in the order the subscriptions were opened and dropped.
+    subscribing: Mutex<()>,
 }
 
 static CHANNEL: OnceLock<Option<Channel>> = OnceLock::new();
@@ -62,18 +95,8 @@ pub(crate) fn get() -> Option<&'static Channel> {
         .get_or_init(|| {
             let raw: i32 = std::env::var(env::CORRAL_CHANNEL_FD).ok()?.parse().ok()?;
             let fd = corral_sys::fd::take_inherited_fd(raw).ok()?;
-            let writer = UnixStream::from(fd);
-            let reader = writer.try_clone().ok();
-            Some(Channel {
-                writer: Mutex::new(writer),
-                reader: Mutex::new(reader),
-                started: Once::new(),
-                inbox: Mutex::default(),
-                changed: Condvar::new(),
-                report_closes: std::env::var(env::CORRAL_LB).as_deref() == Ok("least-conn"),
-                #[cfg(feature = "tokio")]
-                shutdown_signal: ::tokio::sync::watch::Sender::new(false),
-            })
+            let report_closes = std::env::var(env::CORRAL_LB).as_deref() == Ok("least-conn");
+            Some(Channel::new(UnixStream::from(fd), report_closes))
         })
         .as_ref()
 }
@@ -87,6 +110,25 @@ pub(crate) fn hands_over_connections() -> bool {
 }
 
 impl Channel {
+    /// The channel on `socket`, the worker's end; not read until [`Channel::listen`].
+    pub fn new(socket: UnixStream, report_closes: bool) -> Channel {
+        let reader = socket.try_clone().ok();
+        Channel {
+            writer: Mutex::new(socket),
+            reader: Mutex::new(reader),
+            started: Once::new(),
+            inbox: Mutex::default(),
+            changed: Condvar::new(),
+            report_closes,
+            #[cfg(feature = "tokio")]
+            shutdown_signal: ::tokio::sync::watch::Sender::new(false),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::default(),
+            feeds: Mutex::default(),
+            subscribing: Mutex::new(()),
+        }
+    }
+
     fn inbox(&self) -> MutexGuard<'_, Inbox> {
         self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -94,6 +136,16 @@ impl Channel {
     /// Sends one message to the master.
     pub fn send(&self, message: &WorkerMessage) -> io::Result<()> {
         let frame = corral_proto::frame::encode(message).map_err(io::Error::other)?;
+        self.write_all(&frame)
+    }
+
+    /// Writes frames, whole, in as few writes as the socket takes. Writes of other threads wait:
+    /// frames never interleave.
+    ///
+    /// This blocks, even for async callers (as it always did for `accepted` and `refused`), but
+    /// only while the socket's buffer is full, that is while the master is not reading this
+    /// worker's channel; it reads every channel all the time.
+    pub fn write_all(&self, frame: &[u8]) -> io::Result<()> {
         let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let mut at = 0;
         while at < frame.len() {
@@ -114,6 +166,19 @@ impl Channel {
     /// Starts reading the channel, once: on a thread of its own, or, called within a tokio
     /// runtime with the `tokio` feature, as a task of that runtime (no thread hop per connection).
     pub fn listen(&'static self) {
+        self.start_reading(true);
+    }
+
+    /// Starts reading the channel, once, on a thread of its own even within a runtime: for
+    /// blocking callers, who could otherwise block the very runtime thread that would read their
+    /// answer. (When reading already started as a task, it stays one.)
+    pub fn listen_on_thread(&'static self) {
+        self.start_reading(false);
+    }
+
+    fn start_reading(&'static self, on_runtime: bool) {
+        #[cfg(not(feature = "tokio"))]
+        let _ = on_runtime;
         self.started.call_once(|| {
             let reader = self
                 .reader
@@ -126,14 +191,14 @@ impl Channel {
             };
             #[cfg(feature = "tokio")]
             let reader = match ::tokio::runtime::Handle::try_current() {
-                Ok(runtime) => match watch(reader) {
+                Ok(runtime) if on_runtime => match watch(reader) {
                     Ok(watched) => {
                         runtime.spawn(self.read_async(watched));
                         return;
                     }
                     Err(reader) => reader,
                 },
-                Err(_) => reader,
+                _ => reader,
             };
             let spawned = std::thread::Builder::new()
                 .name("corral-channel".into())
@@ -183,8 +248,8 @@ impl Channel {
         self.close();
     }
 
-    fn handle(&self, message: &MasterMessage, fds: &mut VecDeque<OwnedFd>) {
-        match *message {
+    fn handle(&self, message: MasterMessage, fds: &mut VecDeque<OwnedFd>) {
+        match message {
             MasterMessage::Connection { id, listener } => {
                 let Some(fd) = fds.pop_front() else {
                     return;
@@ -202,17 +267,76 @@ impl Channel {
                 self.changed.notify_all();
             }
             MasterMessage::Shutdown => self.shut_down(),
-            // Not taken by this version of the library.
-            MasterMessage::Message { ref data } => {
+            MasterMessage::Message {
+                data,
+                from,
+                request: None,
+            } => {
                 let mut inbox = self.inbox();
                 if inbox.messages.len() == MAX_MESSAGES {
                     inbox.messages.pop_front();
                 }
-                inbox.messages.push_back(data.clone());
+                inbox.messages.push_back(Message { data, from });
                 wake(&mut inbox.message_waker);
                 drop(inbox);
                 self.changed.notify_all();
             }
+            MasterMessage::Message {
+                data,
+                from,
+                request: Some(number),
+            } => {
+                let mut inbox = self.inbox();
+                let dropped = if inbox.requests.len() == MAX_MESSAGES {
+                    inbox.requests.pop_front()
+                } else {
+                    None
+                };
+                inbox.requests.push_back(Asked {
+                    number,
+                    from: from.unwrap_or_else(|| "unknown".to_string()),
+                    data,
+                });
+                wake(&mut inbox.request_waker);
+                drop(inbox);
+                self.changed.notify_all();
+                if let Some(dropped) = dropped {
+                    let _ = self.reply(
+                        dropped.number,
+                        Err(format!(
+                            "worker {} has {MAX_MESSAGES} requests waiting: it does not take \
+                             them (corral_worker::bus().next_request) or not fast enough",
+                            crate::worker_id().map_or_else(|| "?".to_string(), |id| id.to_string())
+                        )),
+                    );
+                }
+            }
+            MasterMessage::Reply { id, data, error } => self.answer(
+                Kind::Send,
+                id,
+                match error {
+                    Some(error) => Err(CallError::Failed(error)),
+                    None => Ok(data),
+                },
+            ),
+            MasterMessage::State { id, ok, error } => self.answer(
+                Kind::State,
+                id,
+                match error {
+                    Some(error) => Err(CallError::Failed(error)),
+                    // `"ok": null` (a `get` of a missing key) reads as no `ok` at all.
+                    None => Ok(ok.unwrap_or(serde_json::Value::Null)),
+                },
+            ),
+            MasterMessage::Published {
+                pattern,
+                channel,
+                message,
+            } => self.deliver(Published {
+                pattern,
+                channel,
+                message,
+            }),
         }
     }
 
@@ -221,8 +345,11 @@ impl Channel {
         inbox.closed = true;
         wake(&mut inbox.connection_waker);
         wake(&mut inbox.message_waker);
+        wake(&mut inbox.request_waker);
         drop(inbox);
         self.changed.notify_all();
+        self.fail_pending();
+        self.close_feeds();
     }
 
     /// Takes no more connections: those queued and those still coming go back to the master.
@@ -281,12 +408,69 @@ impl Channel {
 
     /// The next message from the master, waiting at most `timeout` (for ever with `None`);
     /// `None` when the time ran out or the master is gone.
-    pub fn message_blocking(&self, timeout: Option<Duration>) -> Option<serde_json::Value> {
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    pub fn message_blocking(&self, timeout: Option<Duration>) -> Option<Message> {
+        self.wait_inbox(timeout, |inbox| inbox.messages.pop_front())
+    }
+
+    /// As [`Channel::message_blocking`], for async callers (the one consumer).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn poll_message(&self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let mut inbox = self.inbox();
+        if let Some(message) = inbox.messages.pop_front() {
+            return Poll::Ready(Some(message));
+        }
+        if inbox.closed {
+            return Poll::Ready(None);
+        }
+        inbox.message_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The next request on the bus, waiting at most `timeout` (for ever with `None`); `None`
+    /// when the time ran out or the master is gone.
+    pub fn request_blocking(&self, timeout: Option<Duration>) -> Option<Asked> {
+        self.wait_inbox(timeout, |inbox| inbox.requests.pop_front())
+    }
+
+    /// As [`Channel::request_blocking`], for async callers (the one consumer).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub fn poll_request(&self, cx: &mut Context<'_>) -> Poll<Option<Asked>> {
+        let mut inbox = self.inbox();
+        if let Some(asked) = inbox.requests.pop_front() {
+            return Poll::Ready(Some(asked));
+        }
+        if inbox.closed {
+            return Poll::Ready(None);
+        }
+        inbox.request_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Answers request `number` of the bus.
+    pub fn reply(&self, number: u64, answer: Result<serde_json::Value, String>) -> io::Result<()> {
+        let (data, error) = match answer {
+            Ok(data) => (data, None),
+            Err(error) => (serde_json::Value::Null, Some(error)),
+        };
+        self.send(&WorkerMessage::Reply {
+            request: number,
+            data,
+            error,
+        })
+    }
+
+    /// What `take` finds in the inbox, waiting for it at most `timeout` (for ever with `None`);
+    /// `None` when the time ran out or the master is gone and nothing is left.
+    fn wait_inbox<T>(
+        &self,
+        timeout: Option<Duration>,
+        mut take: impl FnMut(&mut Inbox) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut inbox = self.inbox();
         loop {
-            if let Some(message) = inbox.messages.pop_front() {
-                return Some(message);
+            if let Some(found) = take(&mut inbox) {
+                return Some(found);
             }
             if inbox.closed {
                 return None;
@@ -297,7 +481,7 @@ impl Channel {
                     .wait(inbox)
                     .unwrap_or_else(PoisonError::into_inner),
                 Some(deadline) => {
-                    let left = deadline.checked_duration_since(std::time::Instant::now())?;
+                    let left = deadline.checked_duration_since(Instant::now())?;
                     self.changed
                         .wait_timeout(inbox, left)
                         .unwrap_or_else(PoisonError::into_inner)
@@ -305,20 +489,6 @@ impl Channel {
                 }
             };
         }
-    }
-
-    /// As [`Channel::message_blocking`], for async callers (the one consumer).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub fn poll_message(&self, cx: &mut Context<'_>) -> Poll<Option<serde_json::Value>> {
-        let mut inbox = self.inbox();
-        if let Some(message) = inbox.messages.pop_front() {
-            return Poll::Ready(Some(message));
-        }
-        if inbox.closed {
-            return Poll::Ready(None);
-        }
-        inbox.message_waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 
     /// As [`Channel::next_blocking`], for async callers.
@@ -376,7 +546,7 @@ impl Frames {
             }
             // Messages of later versions are skipped.
             if let Ok(message) = serde_json::from_slice(&self.pending[at + 4..at + 4 + len]) {
-                channel.handle(&message, &mut self.fds);
+                channel.handle(message, &mut self.fds);
             }
             at += 4 + len;
         }
@@ -423,6 +593,57 @@ impl Drop for CloseReport {
     }
 }
 
+/// A channel on a socket pair whose master end a test holds, and the master's side of the
+/// framing: a real channel, with the test speaking for the master.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use corral_proto::channel::WorkerMessage;
+
+    use super::Channel;
+
+    /// A channel whose master end the test holds, read by its thread.
+    pub(crate) fn channel() -> (&'static Channel, UnixStream) {
+        let (channel, master) = unread_channel();
+        channel.listen_on_thread();
+        (channel, master)
+    }
+
+    /// A channel whose master end the test holds, not read yet: the test starts reading.
+    pub(crate) fn unread_channel() -> (&'static Channel, UnixStream) {
+        let (master, worker) = UnixStream::pair().unwrap();
+        let channel: &'static Channel = Box::leak(Box::new(Channel::new(worker, false)));
+        // A test that goes wrong fails instead of hanging.
+        master
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        (channel, master)
+    }
+
+    /// One frame with `body`.
+    pub(crate) fn frame(body: &str) -> Vec<u8> {
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(body.as_bytes());
+        bytes
+    }
+
+    /// Sends the master's message `json`.
+    pub(crate) fn write_frame(mut master: &UnixStream, json: &serde_json::Value) {
+        master.write_all(&frame(&json.to_string())).unwrap();
+    }
+
+    /// Reads the worker's next message.
+    pub(crate) fn read_message(mut master: &UnixStream) -> WorkerMessage {
+        let mut len = [0u8; 4];
+        master.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        master.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
@@ -430,28 +651,7 @@ mod tests {
 
     use super::*;
 
-    /// A channel whose master end the test holds, read by its thread.
-    fn channel() -> (&'static Channel, UnixStream) {
-        let (master, worker) = UnixStream::pair().unwrap();
-        let channel = Box::leak(Box::new(Channel {
-            reader: Mutex::new(Some(worker.try_clone().unwrap())),
-            writer: Mutex::new(worker),
-            started: Once::new(),
-            inbox: Mutex::default(),
-            changed: Condvar::new(),
-            report_closes: false,
-            #[cfg(feature = "tokio")]
-            shutdown_signal: ::tokio::sync::watch::Sender::new(false),
-        }));
-        channel.listen();
-        (channel, master)
-    }
-
-    fn frame(body: &str) -> Vec<u8> {
-        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
-        bytes.extend_from_slice(body.as_bytes());
-        bytes
-    }
+    pub(crate) use super::testing::{channel, frame, read_message};
 
     /// Hands over one end of a new socket pair as connection `id`; returns the other end.
     fn hand_over(master: &UnixStream, id: u64) -> UnixStream {
@@ -463,14 +663,6 @@ mod tests {
             corral_sys::fd::send_with_fds(master.as_fd(), &message, &[server.as_fd()]).unwrap();
         assert_eq!(sent, message.len());
         client
-    }
-
-    fn read_message(master: &mut UnixStream) -> WorkerMessage {
-        let mut len = [0u8; 4];
-        master.read_exact(&mut len).unwrap();
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        master.read_exact(&mut body).unwrap();
-        serde_json::from_slice(&body).unwrap()
     }
 
     #[test]
@@ -486,7 +678,7 @@ mod tests {
         let taken = channel.next_blocking(Some(Duration::from_secs(10)));
         let handed = taken.unwrap().unwrap();
         assert_eq!((handed.id, handed.listener), (7, 0));
-        assert_eq!(read_message(&mut master), WorkerMessage::Accepted { id: 7 });
+        assert_eq!(read_message(&master), WorkerMessage::Accepted { id: 7 });
         let mut server = UnixStream::from(handed.fd);
         client.write_all(b"ping").unwrap();
         let mut got = [0u8; 4];
@@ -495,7 +687,7 @@ mod tests {
 
         let handed = channel.next_blocking(Some(Duration::from_secs(10)));
         let mut server = UnixStream::from(handed.unwrap().unwrap().fd);
-        assert_eq!(read_message(&mut master), WorkerMessage::Accepted { id: 8 });
+        assert_eq!(read_message(&master), WorkerMessage::Accepted { id: 8 });
         second.write_all(b"pong").unwrap();
         server.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"pong");
@@ -512,10 +704,10 @@ mod tests {
             std::thread::yield_now();
         }
         master.write_all(&frame(r#"{"type":"shutdown"}"#)).unwrap();
-        assert_eq!(read_message(&mut master), WorkerMessage::Refused { id: 1 });
+        assert_eq!(read_message(&master), WorkerMessage::Refused { id: 1 });
         assert!(channel.is_shutting_down());
         let _late = hand_over(&master, 2);
-        assert_eq!(read_message(&mut master), WorkerMessage::Refused { id: 2 });
+        assert_eq!(read_message(&master), WorkerMessage::Refused { id: 2 });
         assert!(
             channel
                 .next_blocking(Some(Duration::from_secs(1)))
@@ -533,11 +725,15 @@ mod tests {
             .write_all(&frame(r#"{"type":"message","data":2}"#))
             .unwrap();
         let first = channel.message_blocking(Some(Duration::from_secs(10)));
-        assert_eq!(first, Some(serde_json::json!({"cmd": "refresh"})));
         assert_eq!(
-            channel.message_blocking(Some(Duration::from_secs(10))),
-            Some(serde_json::json!(2))
+            first,
+            Some(Message {
+                data: serde_json::json!({"cmd": "refresh"}),
+                from: None
+            })
         );
+        let second = channel.message_blocking(Some(Duration::from_secs(10)));
+        assert_eq!(second.map(|m| m.data), Some(serde_json::json!(2)));
         assert_eq!(
             channel.message_blocking(Some(Duration::from_millis(1))),
             None

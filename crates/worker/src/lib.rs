@@ -3,8 +3,10 @@
 //!
 //! It owns the worker's side of the contract in `corral-proto` and `docs/protocol.md`: the
 //! environment corral sets, the connections it hands over or the listening sockets it passes, and
-//! the channel to the master. It knows nothing of HTTP. The blocking API needs no runtime; the
-//! `tokio` feature adds [`tokio::incoming`] and [`tokio::shutdown`] for async servers.
+//! the channel to the master, with the calls made over it: the shared state ([`state`]) and the
+//! bus between workers ([`bus`]). It knows nothing of HTTP, nor of where corral keeps the shared
+//! state. The blocking API needs no runtime; the `tokio` feature adds [`tokio::incoming`],
+//! [`tokio::shutdown`], [`tokio::state`] and [`tokio::bus`] for async programs.
 //!
 //! ```no_run
 //! use std::io::Write;
@@ -21,6 +23,29 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
+//! The shared state (a key/value store and pub/sub, the same for every worker) and the bus:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use serde_json::json;
+//! let state = corral_worker::state();
+//! let visits = state.incr("visits", 1)?;
+//! state.set_with_ttl("session:42", "alice", Duration::from_secs(600))?;
+//! let news = state.subscribe("news.*")?;
+//! state.publish("news.sport", "goal")?;
+//! let published = news.next();
+//!
+//! let bus = corral_worker::bus();
+//! bus.send("workers", json!({"reload": "config"}))?;
+//! let lease = bus.request("agent", json!({"lease": "job-7"}), Duration::from_secs(2))?;
+//! // Another worker asks this one.
+//! if let Some(request) = bus.next_request(Some(Duration::from_secs(1))) {
+//!     let answer = json!({"seen": request.data});
+//!     request.reply(Ok(answer))?;
+//! }
+//! # Ok::<(), corral_worker::CallError>(())
+//! ```
+//!
 //! # How it works
 //! In `rr` and `least-conn` modes the master accepts, and sends each connection's descriptor on
 //! the channel (`CORRAL_CHANNEL_FD`); the library queues them as they arrive and acknowledges each
@@ -29,11 +54,20 @@
 //! program accepts on them; in `proxy` mode it listens on `127.0.0.1:$PORT`. [`listeners`] and the
 //! channel take each descriptor once, on first use. The channel is read by a thread of its own,
 //! or by a task of the tokio runtime the program runs in.
+//!
+//! Shared-state operations and bus messages are calls the master answers: each carries a number
+//! (from one counter), and its answer the same number, in whatever order answers come. Calls
+//! made together ([`State::call_many`], or many async calls in flight) are written without
+//! waiting for one another, so a worker pipelines as many as it likes over its one channel.
+//! Messages and requests for this worker, and messages published on its subscriptions, are
+//! queued by the reader until the program takes them.
 
 #![warn(missing_docs)]
 
+mod bus;
 mod channel;
 mod incoming;
+mod state;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
@@ -43,7 +77,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixListener;
 use std::sync::{Mutex, OnceLock, PoisonError};
 
+pub use bus::{Bus, Message, Request, bus};
+pub use channel::calls::{CallError, DEFAULT_CALL_TIMEOUT};
 pub use incoming::{Connection, Incoming, Stream, incoming};
+pub use state::{Published, State, Subscription, state};
+
+/// The operations of the shared state, for [`State::call_many`].
+pub use corral_proto::channel::StateCall;
 
 use corral_proto::channel::WorkerMessage;
 use corral_proto::env;
@@ -162,10 +202,17 @@ pub fn send(data: serde_json::Value) -> io::Result<()> {
     send_message(&WorkerMessage::Message { data })
 }
 
-/// The next message the master sent this worker (`corral send <app> <json>`), waiting at most
-/// `timeout` (for ever with `None`); `None` when none came in time, when the master is gone, or
-/// outside corral. With the `tokio` feature, [`tokio::message`] waits without blocking.
+/// The next message the master sent this worker (`corral send <app> <json>`, or another worker
+/// on the bus), waiting at most `timeout` (for ever with `None`); `None` when none came in time,
+/// when the master is gone, or outside corral. With the `tokio` feature, [`tokio::message`]
+/// waits without blocking. [`next_message`] also says who sent it.
 pub fn message(timeout: Option<std::time::Duration>) -> Option<serde_json::Value> {
+    next_message(timeout).map(|message| message.data)
+}
+
+/// As [`message`], with the sender: `worker:<id>` for a message on the bus, `cli` for
+/// `corral send`. Requests (which expect an answer) come through [`Bus::next_request`] instead.
+pub fn next_message(timeout: Option<std::time::Duration>) -> Option<Message> {
     let channel = channel::get()?;
     channel.listen();
     channel.message_blocking(timeout)

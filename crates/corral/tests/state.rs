@@ -1,0 +1,531 @@
+//! End-to-end tests of the bus and the shared state: real daemons, real workers (the Rust
+//! example `crates/worker/examples/state.rs` and Node programs using `clients/node/corral.js`),
+//! an app's agent, and a real `redis-server` started on a free port for the Redis store.
+
+// The harness serves every test file; this one uses only part of it.
+#[allow(dead_code)]
+mod support;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+// ---- fixtures ----
+
+/// The state example, built beside this test by `cargo test --workspace`.
+fn state_example() -> PathBuf {
+    let me = std::env::current_exe().expect("the test's own path");
+    let profile = me
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from <target>/<profile>/deps");
+    let path = profile.join("examples").join("state");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds the \
+         corral-worker examples",
+        path.display()
+    );
+    path
+}
+
+/// The Node helper shipped in the repo.
+fn corral_js() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../clients/node/corral.js")
+}
+
+fn node() -> String {
+    std::env::var("CORRAL_TEST_NODE").unwrap_or_else(|_| "node".to_string())
+}
+
+/// A Node program using `corral.js`, its behaviour chosen by `MODE`:
+/// - `count`: `N` concurrent `incr('counter')`, then `counted N last=<max>`;
+/// - `subscribe`: subscribes to `PATTERN`, says `subscribed`, then `got <channel> <message>`;
+/// - `ask`: asks the agent, prints `answer <json>` or `error <text>`, then sends to an unknown
+///   worker and prints what it was told.
+const NODE_JS: &str = r"
+const corral = require(process.env.CORRAL_JS);
+const mode = process.env.MODE;
+(async () => {
+  if (mode === 'count') {
+    const n = Number(process.env.N);
+    const calls = [];
+    for (let i = 0; i < n; i++) calls.push(corral.state.incr('counter'));
+    const results = await Promise.all(calls);
+    console.log(`counted ${n} last=${Math.max(...results)}`);
+  } else if (mode === 'subscribe') {
+    await corral.state.subscribe(process.env.PATTERN, (message, channel) => {
+      console.log(`got ${channel} ${message}`);
+    });
+    console.log(`subscribed ${process.env.PATTERN}`);
+  } else if (mode === 'ask') {
+    try {
+      const answer = await corral.request('agent', { q: corral.id }, { timeoutMs: 5000 });
+      console.log(`answer ${JSON.stringify(answer)}`);
+    } catch (e) {
+      console.log(`error ${e.message}`);
+    }
+    try {
+      await corral.send('worker:99999', { hello: 1 });
+      console.log('unknown: delivered?');
+    } catch (e) {
+      console.log(`unknown: ${e.message}`);
+    }
+  }
+  setInterval(() => {}, 1 << 30);
+})().catch((e) => { console.error(`failed: ${e.stack}`); process.exit(1); });
+";
+
+/// Starts the Rust state example as `name` with `STATE_*` variables and `args`.
+fn start_rust(home: &Home, name: &str, env: &[(&str, &str)], args: &[&str]) {
+    let program = state_example();
+    let pairs: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut all = vec!["start", arg(&program), "-n", name];
+    for pair in &pairs {
+        all.extend(["--env", pair]);
+    }
+    all.extend_from_slice(args);
+    home.ok(&all);
+}
+
+/// Starts the Node fixture as `name` in fork mode with `env` and `args`.
+fn start_node(home: &Home, name: &str, env: &[(&str, &str)], args: &[&str]) {
+    let script = home.file(&format!("{name}.js"), NODE_JS);
+    let helper = format!("CORRAL_JS={}", corral_js().display());
+    let pairs: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let node = node();
+    let mut all = vec![
+        "start",
+        arg(&script),
+        "-n",
+        name,
+        "--interpreter",
+        &node,
+        "--exec-mode",
+        "fork",
+        "--env",
+        &helper,
+    ];
+    for pair in &pairs {
+        all.extend(["--env", pair]);
+    }
+    all.extend_from_slice(args);
+    home.ok(&all);
+}
+
+fn agent_log(home: &Home, app: &str, stream: &str) -> String {
+    std::fs::read_to_string(
+        home.path()
+            .join("logs")
+            .join(format!("{app}-agent-{stream}.log")),
+    )
+    .unwrap_or_default()
+}
+
+fn wait_agent_log(home: &Home, app: &str, needle: &str) -> String {
+    wait_until(
+        Duration::from_secs(20),
+        &format!("the agent log of {app} holds {needle:?}"),
+        || {
+            let text = agent_log(home, app, "out");
+            if text.contains(needle) {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+    )
+}
+
+fn state(home: &Home, args: &[&str]) -> String {
+    let mut all = vec!["state"];
+    all.extend_from_slice(args);
+    home.ok(&all).trim().to_string()
+}
+
+// ---- the embedded store ----
+
+#[test]
+fn rust_and_node_workers_share_a_counter_without_losing_an_update() {
+    let home = Home::new();
+    start_rust(
+        &home,
+        "rust",
+        &[
+            ("STATE_MODE", "count"),
+            ("STATE_INCRS", "3000"),
+            ("STATE_CONCURRENCY", "32"),
+        ],
+        &["-i", "2"],
+    );
+    start_node(&home, "js", &[("MODE", "count"), ("N", "2000")], &[]);
+    for i in 0..2 {
+        home.wait_log("rust", i, "out", "counted 3000");
+    }
+    home.wait_log("js", 0, "out", "counted 2000");
+    assert_eq!(state(&home, &["get", "counter"]), "8000");
+    // The last value any one of them saw is the total for exactly one of them.
+    let lasts: Vec<u64> = (0..2)
+        .map(|i| home.log("rust", i, "out"))
+        .chain([home.log("js", 0, "out")])
+        .map(|log| {
+            let last = log.split("last=").nth(1).expect("a last= value");
+            last.trim().parse().expect("a number")
+        })
+        .collect();
+    assert_eq!(lasts.iter().max(), Some(&8000), "{lasts:?}");
+    home.ok(&["delete", "all"]);
+}
+
+#[test]
+fn a_publication_reaches_every_subscriber_of_a_matching_pattern() {
+    let home = Home::new();
+    start_rust(
+        &home,
+        "rust",
+        &[("STATE_MODE", "subscribe"), ("STATE_PATTERN", "news.*")],
+        &["-i", "2"],
+    );
+    start_node(
+        &home,
+        "js",
+        &[("MODE", "subscribe"), ("PATTERN", "news.*")],
+        &[],
+    );
+    start_node(
+        &home,
+        "other",
+        &[("MODE", "subscribe"), ("PATTERN", "sport.*")],
+        &[],
+    );
+    for i in 0..2 {
+        home.wait_log("rust", i, "out", "subscribed news.*");
+    }
+    home.wait_log("js", 0, "out", "subscribed news.*");
+    home.wait_log("other", 0, "out", "subscribed sport.*");
+    let count: u64 = state(&home, &["publish", "news.today", "rain at noon"])
+        .parse()
+        .expect("a count");
+    assert!(count >= 1, "{count}");
+    for i in 0..2 {
+        home.wait_log("rust", i, "out", "got news.today rain at noon");
+    }
+    home.wait_log("js", 0, "out", "got news.today rain at noon");
+    // Not subscribed to it: a later publication on its own channel arrives alone.
+    state(&home, &["publish", "sport.final", "2-1"]);
+    let other = home.wait_log("other", 0, "out", "got sport.final 2-1");
+    assert!(!other.contains("news.today"), "{other}");
+    home.ok(&["delete", "all"]);
+}
+
+#[test]
+fn the_state_cli_reads_and_changes_keys_and_refuses_bad_input() {
+    let home = Home::new();
+    start_node(&home, "js", &[("MODE", "idle")], &[]);
+    home.wait_online("js", 1);
+    assert_eq!(state(&home, &["set", "greeting", "hello"]), "true");
+    assert_eq!(state(&home, &["get", "greeting"]), "hello");
+    assert_eq!(state(&home, &["incr", "hits", "5"]), "5");
+    assert_eq!(state(&home, &["incr", "hits", "-2"]), "3");
+    let keys: Value = serde_json::from_str(&state(&home, &["ls"])).expect("JSON");
+    assert_eq!(keys, serde_json::json!(["greeting", "hits"]));
+    assert_eq!(state(&home, &["del", "greeting"]), "true");
+    assert_eq!(state(&home, &["get", "greeting"]), "null");
+    let not_integer = {
+        state(&home, &["set", "name", "ada"]);
+        home.fails(&["state", "incr", "name"])
+    };
+    assert!(not_integer.contains("name"), "{not_integer}");
+    // (A command-line argument cannot hold a value over the 512 KiB limit; a key over 1 KiB
+    // shows the same refusal.)
+    let long = "k".repeat(2000);
+    let too_long = home.fails(&["state", "set", &long, "v"]);
+    assert!(
+        too_long.contains("2000") && too_long.contains("1024"),
+        "{too_long}"
+    );
+    let unknown = home.fails(&["state", "--app", "nope", "get", "k"]);
+    assert!(unknown.contains("no app is named 'nope'"), "{unknown}");
+    home.assert_daemon_answers();
+    home.ok(&["delete", "all"]);
+}
+
+#[test]
+fn saved_state_outlives_the_daemon() {
+    let home = Home::new();
+    start_node(&home, "js", &[("MODE", "idle")], &["--state", "saved"]);
+    home.wait_online("js", 1);
+    state(&home, &["set", "kept", "across restarts"]);
+    home.ok(&["kill"]);
+    start_node(&home, "js", &[("MODE", "idle")], &["--state", "saved"]);
+    home.wait_online("js", 1);
+    assert_eq!(state(&home, &["get", "kept"]), "across restarts");
+    home.ok(&["delete", "all"]);
+}
+
+// ---- the agent and the bus ----
+
+#[test]
+fn the_agent_starts_first_answers_requests_and_stops_last() {
+    let home = Home::new();
+    let agent = state_example();
+    let script = home.file("ask.js", NODE_JS);
+    let helper = format!("CORRAL_JS={}", corral_js().display());
+    let node = node();
+    home.ok(&[
+        "start",
+        arg(&script),
+        "-n",
+        "web",
+        "-i",
+        "2",
+        "--interpreter",
+        &node,
+        "--exec-mode",
+        "fork",
+        "--agent",
+        arg(&agent),
+        "--env",
+        &helper,
+        "--env",
+        "MODE=ask",
+        "--env",
+        "STATE_MODE=answer",
+    ]);
+    let instances = home.wait_online("web", 3);
+    let roles: Vec<&str> = instances
+        .iter()
+        .map(|i| i["role"].as_str().unwrap_or("worker"))
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "agent").count(),
+        1,
+        "{roles:?}"
+    );
+    let agent_info = instances
+        .iter()
+        .find(|i| i["role"] == "agent")
+        .expect("the agent");
+    let agent_id = agent_info["id"].as_u64().expect("an id");
+    let pid_of_agent = agent_info["pid"].as_u64().expect("a pid");
+    let listed = home.ok(&["ls"]);
+    assert!(listed.contains("agent"), "{listed}");
+    // Every worker asks the agent as soon as it starts and gets its answer: the agent was
+    // running and ready before the workers started (otherwise: "has no agent running").
+    for i in 0..2 {
+        let log = home.wait_log("web", i, "out", "answer ");
+        assert!(
+            log.contains(&format!("\"by\":{agent_id}")),
+            "the agent answered: {log}"
+        );
+        let log = home.wait_log("web", i, "out", "unknown: ");
+        assert!(
+            log.contains("99999"),
+            "an unknown target is an error: {log}"
+        );
+    }
+    wait_agent_log(&home, "web", "request from worker:");
+    // The command line asks too.
+    let answer = home.ok(&[
+        "send",
+        &agent_id.to_string(),
+        r#"{"ping": true}"#,
+        "--reply",
+    ]);
+    let answer: Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(
+        answer["echo"],
+        serde_json::json!({"ping": true}),
+        "{answer}"
+    );
+    let many = home.fails(&["send", "web", "{}", "--reply"]);
+    assert!(many.contains("one process"), "{many}");
+    // Stopped last: the agent still answers while the workers go, and it is the last to exit.
+    home.ok(&["stop", "web"]);
+    let log = daemon_log(&home);
+    let agent_exit = log
+        .rfind(&format!("pid {pid_of_agent}"))
+        .expect("the agent's exit is logged");
+    for worker in instances.iter().filter(|i| i["role"] != "agent") {
+        let pid = worker["pid"].as_u64().expect("a pid");
+        let exit = log
+            .rfind(&format!("pid {pid}"))
+            .expect("the worker's exit is logged");
+        assert!(
+            exit < agent_exit,
+            "worker {pid} exited before the agent:\n{log}"
+        );
+    }
+    home.ok(&["delete", "all"]);
+}
+
+fn daemon_log(home: &Home) -> String {
+    std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default()
+}
+
+// ---- Redis ----
+
+/// A `redis-server` of this test's own, on a free loopback port, killed on drop.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// `None` (after a note) when redis-server is not installed and this is not CI.
+    fn start() -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is not installed: `apt-get install -y redis-server` (.ci/run does)"
+            );
+            eprintln!("note: redis-server is not installed; the Redis tests are skipped");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut redis = Redis {
+            child: None,
+            port,
+            dir: tempfile::TempDir::with_prefix("corral-redis-").expect("a directory"),
+        };
+        redis.run();
+        Some(redis)
+    }
+
+    fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(Duration::from_secs(10), "redis-server answers", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .map(drop)
+                .map_err(|e| e.to_string())
+        });
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn two_daemons_share_keys_and_channels_through_redis_and_survive_its_restart() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let (a, b) = (Home::new(), Home::new());
+    start_node(
+        &a,
+        "js",
+        &[("MODE", "count"), ("N", "500")],
+        &["--state", &url],
+    );
+    start_rust(
+        &b,
+        "sub",
+        &[("STATE_MODE", "subscribe"), ("STATE_PATTERN", "jobs.*")],
+        &["--state", &url],
+    );
+    a.wait_log("js", 0, "out", "counted 500");
+    b.wait_log("sub", 0, "out", "subscribed jobs.*");
+    // B sees A's key, and A's publication reaches B's worker.
+    assert_eq!(state(&b, &["get", "counter"]), "500");
+    state(&a, &["publish", "jobs.new", "first"]);
+    b.wait_log("sub", 0, "out", "got jobs.new first");
+
+    // Redis goes away: a clear error, the daemons live on.
+    redis.kill();
+    let down = a.fails(&["state", "get", "counter"]);
+    assert!(
+        down.contains("unreachable") || down.contains("Redis"),
+        "a clear error: {down}"
+    );
+    a.assert_daemon_answers();
+    b.assert_daemon_answers();
+    // It comes back (empty: it saves nothing): calls work and the subscription resumes.
+    redis.run();
+    wait_until(Duration::from_secs(20), "the store answers again", || {
+        let out = a.corral(&["state", "set", "back", "yes"]);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    assert_eq!(state(&b, &["get", "back"]), "yes");
+    wait_until(
+        Duration::from_secs(20),
+        "a publication reaches B again",
+        || {
+            state(&a, &["publish", "jobs.new", "second"]);
+            let log = b.log("sub", 0, "out");
+            if log.contains("got jobs.new second") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
+    );
+    a.ok(&["delete", "all"]);
+    b.ok(&["delete", "all"]);
+}
+
+#[test]
+fn an_unreachable_redis_is_refused_at_start() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let home = Home::new();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let script = home.file("idle.js", NODE_JS);
+    let node = node();
+    let refused = home.fails(&[
+        "start",
+        arg(&script),
+        "--interpreter",
+        &node,
+        "--state",
+        &url,
+    ]);
+    assert!(refused.contains("unreachable"), "{refused}");
+    assert!(refused.contains(&port.to_string()), "{refused}");
+    let bad = home.fails(&["start", arg(&script), "--state", "mongodb://x"]);
+    assert!(bad.contains("--state"), "{bad}");
+    assert!(home.ls().is_empty());
+}

@@ -1,0 +1,707 @@
+//! The bus between the processes of the daemon's apps, and their shared state.
+//!
+//! Every process with a channel is a member while its channel is open. A member's `send` goes to
+//! `agent`, `workers`, `worker:<id>`, `app:<name>` or `all` ([`Target`]) and is answered exactly
+//! once: with how many got it, or, for a request, with the recipient's answer, or with why not
+//! (unknown target, nobody running, no answer in time, the recipient left, its queue is full).
+//! State calls go to the store of the member's app ([`StateBackend`]): the daemon's memory, the
+//! daemon's memory saved in its home, or a Redis server; stores are opened on first use and kept.
+//!
+//! Nothing here goes through the supervisor: the channel readers call in directly, so a worker
+//! busy with the state costs the supervisor nothing. A worker cannot flood the master: each has
+//! at most [`MAX_CALLS_IN_FLIGHT`] state calls running (its reader waits for a free slot, which
+//! stops reading its channel), and messages to a member that does not read its channel are
+//! refused once [`MAX_BACKLOG`] bytes wait for it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use corral_proto::channel::{DEFAULT_REQUEST_TIMEOUT_MS, MasterMessage, StateCall, Target};
+use corral_proto::{ErrorKind, Response, StateBackend};
+use corral_state::{Published, StateError, Store, StoreEvent};
+use serde_json::{Value, json};
+use tokio::sync::{OnceCell, Semaphore, oneshot};
+
+use crate::balance::{Codec, Conduit};
+
+/// State calls one member may have running at once.
+pub const MAX_CALLS_IN_FLIGHT: usize = 1024;
+/// Bytes waiting for a member beyond which messages and publications to it are refused.
+pub const MAX_BACKLOG: usize = 8 * 1024 * 1024;
+/// The longest a request may wait for its answer.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often dropped publications are reported, at most.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The members, their pending requests and subscriptions, and the stores.
+#[derive(Debug)]
+pub struct Bus {
+    inner: Mutex<Inner>,
+    stores: Mutex<HashMap<StateBackend, Arc<OnceCell<Store>>>>,
+    /// Where the `saved` store keeps its snapshot.
+    saved_path: std::path::PathBuf,
+    this: Weak<Bus>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    members: HashMap<u32, Member>,
+    joined: u64,
+    pending: HashMap<u64, Pending>,
+    next_request: u64,
+    /// Members subscribed, per store and pattern.
+    subscribed: HashMap<(StateBackend, String), usize>,
+    dropped: usize,
+    dropped_logged: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Member {
+    /// Instance id.
+    id: u32,
+    app: String,
+    agent: bool,
+    conduit: Arc<Conduit>,
+    backend: StateBackend,
+    patterns: HashSet<String>,
+    /// Order of joining: the newest process of an instance id is the one a message goes to.
+    serial: u64,
+    calls: Arc<Semaphore>,
+}
+
+/// A request waiting for its answer.
+#[derive(Debug)]
+struct Pending {
+    /// The process that must answer.
+    recipient: u32,
+    /// How the recipient is named in errors.
+    label: String,
+    origin: Origin,
+}
+
+#[derive(Debug)]
+enum Origin {
+    /// A member's `send` number `id`.
+    Member { pid: u32, id: u64 },
+    /// `corral send --reply`.
+    Cli(oneshot::Sender<Response>),
+}
+
+/// Who a process is, for the bus.
+#[derive(Debug, Clone)]
+pub struct Joining {
+    /// Its process.
+    pub pid: u32,
+    /// Its instance id.
+    pub id: u32,
+    /// Its app.
+    pub app: String,
+    /// It is the app's agent.
+    pub agent: bool,
+    /// Its app's store.
+    pub backend: StateBackend,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Writes `message` to a member in its channel's language: a frame, or for Node a JSON line
+/// wrapped as `{"corral": message}`.
+fn deliver(conduit: &Arc<Conduit>, message: &MasterMessage) {
+    match conduit.codec() {
+        Codec::Corral => conduit.send(message),
+        Codec::Node => {
+            let wrapped = json!({ "corral": message });
+            conduit.send_line(|_| crate::node::line(&wrapped));
+        }
+    }
+}
+
+fn state_answer(id: u64, result: Result<Value, String>) -> MasterMessage {
+    match result {
+        Ok(ok) => MasterMessage::State {
+            id,
+            ok: Some(ok),
+            error: None,
+        },
+        Err(error) => MasterMessage::State {
+            id,
+            ok: None,
+            error: Some(error),
+        },
+    }
+}
+
+fn reply(id: u64, result: Result<Value, String>) -> MasterMessage {
+    match result {
+        Ok(data) => MasterMessage::Reply {
+            id,
+            data,
+            error: None,
+        },
+        Err(error) => MasterMessage::Reply {
+            id,
+            data: Value::Null,
+            error: Some(error),
+        },
+    }
+}
+
+impl Bus {
+    /// An empty bus; the `saved` store keeps its snapshot at `saved_path`.
+    pub fn new(saved_path: std::path::PathBuf) -> Arc<Bus> {
+        Arc::new_cyclic(|this| Bus {
+            inner: Mutex::default(),
+            stores: Mutex::default(),
+            saved_path,
+            this: this.clone(),
+        })
+    }
+
+    fn arc(&self) -> Arc<Bus> {
+        self.this
+            .upgrade()
+            .expect("the bus is alive while it is used")
+    }
+
+    /// A process's channel opened.
+    pub fn join(&self, joining: Joining, conduit: Arc<Conduit>) {
+        let mut inner = lock(&self.inner);
+        inner.joined += 1;
+        let serial = inner.joined;
+        inner.members.insert(
+            joining.pid,
+            Member {
+                id: joining.id,
+                app: joining.app,
+                agent: joining.agent,
+                conduit,
+                backend: joining.backend,
+                patterns: HashSet::new(),
+                serial,
+                calls: Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT)),
+            },
+        );
+    }
+
+    /// A process's channel closed: its subscriptions end, the requests it was to answer fail,
+    /// the answers it was waiting for are dropped.
+    pub fn leave(&self, pid: u32) {
+        let mut inner = lock(&self.inner);
+        let Some(member) = inner.members.remove(&pid) else {
+            return;
+        };
+        let mut unsubscribe = Vec::new();
+        for pattern in member.patterns {
+            let key = (member.backend.clone(), pattern);
+            if let Some(count) = inner.subscribed.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    inner.subscribed.remove(&key);
+                    unsubscribe.push(key);
+                }
+            }
+        }
+        let orphaned: Vec<u64> = inner
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.recipient == pid || matches!(p.origin, Origin::Member { pid: o, .. } if o == pid)
+            })
+            .map(|(&n, _)| n)
+            .collect();
+        for n in orphaned {
+            let pending = inner.pending.remove(&n).expect("listed above");
+            if pending.recipient == pid {
+                let why = format!("{} exited before answering", pending.label);
+                answer(&inner, pending.origin, Err(why));
+            }
+        }
+        drop(inner);
+        for (backend, pattern) in unsubscribe {
+            let bus = self.arc();
+            tokio::spawn(async move {
+                if let Ok(store) = bus.store(&backend).await
+                    && let Err(e) = store.unsubscribe(&pattern).await
+                {
+                    crate::log!("state store {backend}: unsubscribing from '{pattern}': {e}");
+                }
+            });
+        }
+    }
+
+    /// The store of `backend`, opened on first use. An error says why it cannot be reached.
+    pub async fn store(&self, backend: &StateBackend) -> Result<Store, String> {
+        let cell = lock(&self.stores)
+            .entry(backend.clone())
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        cell.get_or_try_init(|| self.open(backend))
+            .await
+            .cloned()
+            .map_err(|e| e.to_string())
+    }
+
+    async fn open(&self, backend: &StateBackend) -> Result<Store, StateError> {
+        let (store, events) = match backend {
+            StateBackend::Memory => Store::embedded(None)?,
+            StateBackend::Saved => Store::embedded(Some(self.saved_path.clone()))?,
+            StateBackend::Redis(url) => Store::redis(url).await?,
+        };
+        crate::log!("state store opened: {}", store.describe());
+        tokio::spawn(pump_events(self.this.clone(), backend.clone(), events));
+        Ok(store)
+    }
+
+    /// Saves what the stores keep on disk; at shutdown.
+    pub async fn flush(&self) {
+        let cells: Vec<_> = lock(&self.stores).values().cloned().collect();
+        for cell in cells {
+            if let Some(store) = cell.get()
+                && let Err(e) = store.flush().await
+            {
+                crate::log!("state store {}: {e}", store.describe());
+            }
+        }
+    }
+
+    /// A member's `send`.
+    pub fn send(
+        &self,
+        pid: u32,
+        id: u64,
+        to: &str,
+        data: &Value,
+        request: bool,
+        timeout_ms: Option<u64>,
+    ) {
+        let mut inner = lock(&self.inner);
+        let Some(sender) = inner.members.get(&pid) else {
+            return;
+        };
+        let conduit = sender.conduit.clone();
+        let from = format!("worker:{}", sender.id);
+        let result = route(&inner, pid, to).and_then(|recipients| {
+            if request {
+                let [(recipient, label)] = recipients.as_slice() else {
+                    return Err(format!(
+                        "a request goes to one process ('agent' or 'worker:<id>'); '{to}' \
+                         reaches {}: send it without waiting for an answer, or name one",
+                        recipients.len()
+                    ));
+                };
+                inner.next_request += 1;
+                let n = inner.next_request;
+                let target = inner.members[recipient].conduit.clone();
+                if target.backlog() > MAX_BACKLOG {
+                    return Err(format!(
+                        "{label} is not reading its channel; try again later"
+                    ));
+                }
+                inner.pending.insert(
+                    n,
+                    Pending {
+                        recipient: *recipient,
+                        label: label.clone(),
+                        origin: Origin::Member { pid, id },
+                    },
+                );
+                deliver(
+                    &target,
+                    &MasterMessage::Message {
+                        data: data.clone(),
+                        from: Some(from.clone()),
+                        request: Some(n),
+                    },
+                );
+                self.expire_after(n, timeout_ms);
+                return Ok(None);
+            }
+            let message = MasterMessage::Message {
+                data: data.clone(),
+                from: Some(from.clone()),
+                request: None,
+            };
+            let mut delivered = 0;
+            for (recipient, _) in &recipients {
+                let target = &inner.members[recipient].conduit;
+                if target.backlog() <= MAX_BACKLOG {
+                    deliver(target, &message);
+                    delivered += 1;
+                }
+            }
+            if delivered == 0 {
+                return Err(format!(
+                    "none of the {} recipient(s) of '{to}' is reading its channel; try again \
+                     later",
+                    recipients.len()
+                ));
+            }
+            Ok(Some(json!({ "delivered": delivered })))
+        });
+        drop(inner);
+        match result {
+            Ok(None) => {}
+            Ok(Some(answer)) => deliver(&conduit, &reply(id, Ok(answer))),
+            Err(why) => deliver(&conduit, &reply(id, Err(why))),
+        }
+    }
+
+    /// `corral send --reply`: a request to the process `pid`, answered on `respond`.
+    pub fn request_from_cli(
+        &self,
+        pid: u32,
+        data: Value,
+        timeout_ms: Option<u64>,
+        respond: oneshot::Sender<Response>,
+    ) {
+        let mut inner = lock(&self.inner);
+        let Some(member) = inner.members.get(&pid) else {
+            let _ = respond.send(Response::error(
+                ErrorKind::UnknownTarget,
+                "that instance has no open channel (it is not running)",
+            ));
+            return;
+        };
+        let conduit = member.conduit.clone();
+        let label = format!("worker:{}", member.id);
+        inner.next_request += 1;
+        let n = inner.next_request;
+        inner.pending.insert(
+            n,
+            Pending {
+                recipient: pid,
+                label,
+                origin: Origin::Cli(respond),
+            },
+        );
+        drop(inner);
+        deliver(
+            &conduit,
+            &MasterMessage::Message {
+                data,
+                from: Some("cli".into()),
+                request: Some(n),
+            },
+        );
+        self.expire_after(n, timeout_ms);
+    }
+
+    fn expire_after(&self, n: u64, timeout_ms: Option<u64>) {
+        let timeout = Duration::from_millis(timeout_ms.unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS))
+            .min(MAX_REQUEST_TIMEOUT);
+        let bus = self.this.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let Some(bus) = bus.upgrade() else { return };
+            let mut inner = lock(&bus.inner);
+            if let Some(pending) = inner.pending.remove(&n) {
+                let why = format!(
+                    "{} did not answer within {} ms",
+                    pending.label,
+                    timeout.as_millis()
+                );
+                answer(&inner, pending.origin, Err(why));
+            }
+        });
+    }
+
+    /// A member's answer to request `request`.
+    pub fn reply(&self, pid: u32, request: u64, data: Value, error: Option<String>) {
+        let mut inner = lock(&self.inner);
+        let known = inner
+            .pending
+            .get(&request)
+            .is_some_and(|p| p.recipient == pid);
+        if !known {
+            // Late (timed out), or the sender left: nobody waits for it any more.
+            return;
+        }
+        let pending = inner.pending.remove(&request).expect("looked up above");
+        answer(&inner, pending.origin, error.map_or(Ok(data), Err));
+    }
+
+    /// A member's state call: run on a task of its own; waits while the member has
+    /// [`MAX_CALLS_IN_FLIGHT`] running (back-pressure on its channel).
+    pub async fn state(&self, pid: u32, id: u64, call: StateCall) {
+        let Some((calls, conduit, backend)) = lock(&self.inner)
+            .members
+            .get(&pid)
+            .map(|m| (m.calls.clone(), m.conduit.clone(), m.backend.clone()))
+        else {
+            return;
+        };
+        let Ok(permit) = calls.acquire_owned().await else {
+            return;
+        };
+        let bus = self.arc();
+        tokio::spawn(async move {
+            let result = bus.call(pid, &backend, call).await;
+            deliver(&conduit, &state_answer(id, result));
+            drop(permit);
+        });
+    }
+
+    /// `corral state`: a call on `backend`'s store.
+    pub async fn cli_state(&self, backend: &StateBackend, call: StateCall) -> Response {
+        if matches!(
+            call,
+            StateCall::Subscribe { .. } | StateCall::Unsubscribe { .. }
+        ) {
+            return Response::error(
+                ErrorKind::InvalidSpec,
+                "subscriptions belong to workers: from the command line, `corral state publish` \
+                 and the key/value calls work",
+            );
+        }
+        match self.call(0, backend, call).await {
+            Ok(value) => Response::Value { value },
+            Err(message) => Response::error(ErrorKind::Io, message),
+        }
+    }
+
+    async fn call(
+        &self,
+        pid: u32,
+        backend: &StateBackend,
+        call: StateCall,
+    ) -> Result<Value, String> {
+        let store = self.store(backend).await?;
+        let ttl = |ms: Option<u64>| ms.map(Duration::from_millis);
+        let text = |e: StateError| e.to_string();
+        match call {
+            StateCall::Get { key } => store.get(&key).await.map(|v| json!(v)).map_err(text),
+            StateCall::Set { key, value, ttl_ms } => store
+                .set(&key, &value, ttl(ttl_ms))
+                .await
+                .map(|()| json!(true))
+                .map_err(text),
+            StateCall::Del { key } => store.del(&key).await.map(|v| json!(v)).map_err(text),
+            StateCall::Incr { key, by } => {
+                store.incr(&key, by).await.map(|v| json!(v)).map_err(text)
+            }
+            StateCall::Cas {
+                key,
+                expected,
+                new,
+                ttl_ms,
+            } => store
+                .cas(&key, expected.as_deref(), new.as_deref(), ttl(ttl_ms))
+                .await
+                .map(|v| json!(v))
+                .map_err(text),
+            StateCall::Keys { pattern } => {
+                store.keys(&pattern).await.map(|v| json!(v)).map_err(text)
+            }
+            StateCall::Publish { channel, message } => store
+                .publish(&channel, &message)
+                .await
+                .map(|v| json!(v))
+                .map_err(text),
+            StateCall::Subscribe { pattern } => self.subscribe(pid, backend, &store, pattern).await,
+            StateCall::Unsubscribe { pattern } => {
+                self.unsubscribe(pid, backend, &store, pattern).await
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        pid: u32,
+        backend: &StateBackend,
+        store: &Store,
+        pattern: String,
+    ) -> Result<Value, String> {
+        let first = {
+            let mut inner = lock(&self.inner);
+            let Some(member) = inner.members.get_mut(&pid) else {
+                return Err("the subscriber left".into());
+            };
+            if !member.patterns.insert(pattern.clone()) {
+                return Ok(json!(true));
+            }
+            let count = inner
+                .subscribed
+                .entry((backend.clone(), pattern.clone()))
+                .or_default();
+            *count += 1;
+            *count == 1
+        };
+        if first && let Err(e) = store.subscribe(&pattern).await {
+            let mut inner = lock(&self.inner);
+            if let Some(member) = inner.members.get_mut(&pid) {
+                member.patterns.remove(&pattern);
+            }
+            let key = (backend.clone(), pattern);
+            if let Some(count) = inner.subscribed.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    inner.subscribed.remove(&key);
+                }
+            }
+            return Err(e.to_string());
+        }
+        Ok(json!(true))
+    }
+
+    async fn unsubscribe(
+        &self,
+        pid: u32,
+        backend: &StateBackend,
+        store: &Store,
+        pattern: String,
+    ) -> Result<Value, String> {
+        let last = {
+            let mut inner = lock(&self.inner);
+            let Some(member) = inner.members.get_mut(&pid) else {
+                return Ok(json!(true));
+            };
+            if !member.patterns.remove(&pattern) {
+                return Ok(json!(true));
+            }
+            let key = (backend.clone(), pattern.clone());
+            match inner.subscribed.get_mut(&key) {
+                Some(count) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                _ => {
+                    inner.subscribed.remove(&key);
+                    true
+                }
+            }
+        };
+        if last {
+            store
+                .unsubscribe(&pattern)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(json!(true))
+    }
+
+    /// A publication from `backend`'s store, to the members subscribed to its pattern.
+    fn fan_out(&self, backend: &StateBackend, published: &Published) {
+        let mut inner = lock(&self.inner);
+        let message = MasterMessage::Published {
+            pattern: published.pattern.clone(),
+            channel: published.channel.clone(),
+            message: published.message.clone(),
+        };
+        let mut dropped = 0;
+        for member in inner.members.values() {
+            if member.backend != *backend || !member.patterns.contains(&published.pattern) {
+                continue;
+            }
+            if member.conduit.backlog() > MAX_BACKLOG {
+                dropped += 1;
+            } else {
+                deliver(&member.conduit, &message);
+            }
+        }
+        if dropped > 0 {
+            inner.dropped += dropped;
+            let due = inner
+                .dropped_logged
+                .is_none_or(|at| at.elapsed() >= DROP_LOG_INTERVAL);
+            if due {
+                crate::log!(
+                    "{} publication(s) not delivered to subscribers that do not read their \
+                     channel (more than {MAX_BACKLOG} bytes waiting)",
+                    inner.dropped
+                );
+                inner.dropped = 0;
+                inner.dropped_logged = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Gives an answer to whoever waits for it.
+fn answer(inner: &Inner, origin: Origin, result: Result<Value, String>) {
+    match origin {
+        Origin::Member { pid, id } => {
+            if let Some(member) = inner.members.get(&pid) {
+                deliver(&member.conduit, &reply(id, result));
+            }
+        }
+        Origin::Cli(respond) => {
+            let _ = respond.send(match result {
+                Ok(value) => Response::Value { value },
+                Err(message) => Response::error(ErrorKind::UnknownTarget, message),
+            });
+        }
+    }
+}
+
+/// The processes `to` names from the point of view of member `pid`, with a label each: the
+/// newest process of each instance id.
+fn route(inner: &Inner, pid: u32, to: &str) -> Result<Vec<(u32, String)>, String> {
+    let target: Target = to.parse()?;
+    let sender = &inner.members[&pid];
+    let chosen: Box<dyn Fn(&Member) -> bool> = match &target {
+        Target::Agent => Box::new(|m: &Member| m.app == sender.app && m.agent),
+        Target::Workers => Box::new(|m: &Member| m.app == sender.app && !m.agent),
+        Target::Worker(id) => Box::new(move |m: &Member| m.id == *id),
+        Target::App(name) => Box::new(move |m: &Member| m.app == *name),
+        Target::All => Box::new(|_: &Member| true),
+    };
+    let mut newest: HashMap<u32, (u32, u64)> = HashMap::new();
+    for (&p, member) in &inner.members {
+        let myself = p == pid && !matches!(target, Target::Worker(_));
+        if myself || !chosen(member) {
+            continue;
+        }
+        let entry = newest.entry(member.id).or_insert((p, member.serial));
+        if member.serial > entry.1 {
+            *entry = (p, member.serial);
+        }
+    }
+    if newest.is_empty() {
+        return Err(match &target {
+            Target::Agent => format!(
+                "app '{}' has no agent running (an app gets one with --agent)",
+                sender.app
+            ),
+            Target::Workers => format!("no other worker of app '{}' is running", sender.app),
+            Target::Worker(id) => {
+                format!("no running process has id {id} (`corral ls` lists the ids)")
+            }
+            Target::App(name) => format!("no process of app '{name}' is running"),
+            Target::All => "no other process is running".to_string(),
+        });
+    }
+    let mut recipients: Vec<(u32, String)> = newest
+        .into_iter()
+        .map(|(id, (p, _))| (p, format!("worker:{id}")))
+        .collect();
+    recipients.sort_unstable();
+    Ok(recipients)
+}
+
+/// Reads a store's events until it closes: publications to their subscribers, the rest to the
+/// log.
+async fn pump_events(
+    bus: Weak<Bus>,
+    backend: StateBackend,
+    mut events: tokio::sync::mpsc::Receiver<StoreEvent>,
+) {
+    while let Some(event) = events.recv().await {
+        let Some(bus) = bus.upgrade() else { return };
+        match event {
+            StoreEvent::Published(published) => bus.fan_out(&backend, &published),
+            StoreEvent::Connected { url } => crate::log!("state store {url}: connected"),
+            StoreEvent::Disconnected { url, reason } => crate::log!(
+                "state store {url}: connection lost ({reason}); reconnecting, subscriptions \
+                 resume when it is back"
+            ),
+            StoreEvent::SaveFailed { path, reason } => crate::log!(
+                "state store: cannot save {} ({reason}); the state is kept in memory and \
+                 saving is retried",
+                path.display()
+            ),
+        }
+    }
+}

@@ -1,0 +1,505 @@
+//! Calls the master answers: bus sends ([`WorkerMessage::Send`], answered by a `reply`) and
+//! shared-state operations ([`WorkerMessage::State`], answered by a `state`).
+//!
+//! Every call gets a number from one counter and waits in [`Pending`] under it, with the
+//! [`Batch`] it belongs to (a single call is a batch of one). The reader hands each answer to its
+//! batch by number, in whatever order answers come, and ignores numbers it does not know (calls
+//! given up on). The batch's caller wakes once, when the last answer is in. When the channel
+//! closes, every waiting call gets [`CallError::ChannelClosed`] and later calls fail at once; a
+//! caller that gives up (a timeout, a dropped future) takes its numbers out: nothing is left
+//! behind.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
+#[cfg(feature = "tokio")]
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use corral_proto::channel::{MAX_CHANNEL_FRAME_LEN, StateCall, WorkerMessage};
+use serde_json::Value;
+
+use super::Channel;
+
+/// Why a call to corral (the shared state, the bus) has no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The program was not started by corral: there is no channel to the master.
+    NotUnderCorral,
+    /// The channel to the master closed (corral stopped, or the master died), before or while
+    /// the call waited.
+    ChannelClosed,
+    /// The master, or the worker a request went to, answered with this error.
+    Failed(String),
+    /// No answer came in time.
+    Timeout,
+    /// The call was not sent: its frame would be over the channel's limit.
+    TooLarge {
+        /// The frame's length, in bytes.
+        len: usize,
+        /// The limit, [`MAX_CHANNEL_FRAME_LEN`].
+        max: usize,
+    },
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::NotUnderCorral => f.write_str(
+                "this program was not started by corral: the shared state and the bus need \
+                 corral (run the program with `corral start`)",
+            ),
+            CallError::ChannelClosed => f.write_str(
+                "the channel to corral is closed (the master went away): whether the call was \
+                 done is unknown; this worker should finish its work and exit",
+            ),
+            CallError::Failed(error) => f.write_str(error),
+            CallError::Timeout => f.write_str(
+                "no answer came in time: corral or the recipient is busy or stuck; try again, \
+                 or allow more time",
+            ),
+            CallError::TooLarge { len, max } => write!(
+                f,
+                "the call takes {len} bytes, over the channel's limit of {max}: keep keys, \
+                 channels and patterns under 1 KiB and values and messages under 512 KiB"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// How long a call waits for its answer unless told otherwise (as corral.js does). Corral
+/// answers every call, a store it cannot reach within about 2 seconds: this only guards against
+/// a master that stopped answering without closing the channel.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An answer: the master's `ok` (or a reply's `data`), or why there is none.
+pub(crate) type Answer = Result<Value, CallError>;
+
+/// Which answer a call waits for: a `reply` (bus) or a `state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Send,
+    State,
+}
+
+/// The calls waiting for an answer, by number.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    /// The channel closed: no call will be answered.
+    closed: bool,
+    calls: HashMap<u64, Waiting>,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    kind: Kind,
+    batch: Arc<Batch>,
+    index: usize,
+}
+
+/// Calls written together, answered one by one, waited for together.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    /// The number of the first call; the others follow.
+    first: u64,
+    state: Mutex<BatchState>,
+    done: Condvar,
+}
+
+#[derive(Debug)]
+struct BatchState {
+    answers: Vec<Option<Answer>>,
+    missing: usize,
+    /// The async caller, woken by the last answer.
+    waker: Option<Waker>,
+}
+
+impl Batch {
+    fn new(first: u64, len: usize) -> Batch {
+        Batch {
+            first,
+            state: Mutex::new(BatchState {
+                answers: (0..len).map(|_| None).collect(),
+                missing: len,
+                waker: None,
+            }),
+            done: Condvar::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn len(&self) -> usize {
+        self.state().answers.len()
+    }
+
+    /// Gives call `index` its answer (the first one given counts).
+    fn fill(&self, index: usize, answer: Answer) {
+        let mut state = self.state();
+        if state.answers[index].is_some() {
+            return;
+        }
+        state.answers[index] = Some(answer);
+        state.missing -= 1;
+        if state.missing == 0 {
+            let waker = state.waker.take();
+            drop(state);
+            self.done.notify_all();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Waits until every answer is in, or `deadline`; whether they all are.
+    fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        let mut state = self.state();
+        while state.missing > 0 {
+            state = match deadline {
+                None => self
+                    .done
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                        return false;
+                    };
+                    self.done
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+        true
+    }
+
+    /// The answers, in call order; a call without one timed out.
+    fn take(&self) -> Vec<Answer> {
+        let mut state = self.state();
+        state.missing = 0;
+        state
+            .answers
+            .iter_mut()
+            .map(|answer| answer.take().unwrap_or(Err(CallError::Timeout)))
+            .collect()
+    }
+
+    /// The answers once they are all in.
+    #[cfg(feature = "tokio")]
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Vec<Answer>> {
+        let mut state = self.state();
+        if state.missing > 0 {
+            state.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        drop(state);
+        Poll::Ready(self.take())
+    }
+}
+
+impl Channel {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `count` fresh call numbers, the first of which is returned.
+    fn numbers(&self, count: usize) -> u64 {
+        self.next_id.fetch_add(count as u64, Ordering::Relaxed)
+    }
+
+    /// Whether the channel closed (no call will be answered).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.pending().closed
+    }
+
+    /// Writes shared-state calls, all in one write, and registers them; the batch to wait on.
+    pub(crate) fn call_state(&self, calls: Vec<StateCall>) -> Arc<Batch> {
+        let first = self.numbers(calls.len());
+        let messages = calls
+            .into_iter()
+            .zip(first..)
+            .map(|(call, id)| WorkerMessage::State { id, call })
+            .collect::<Vec<_>>();
+        self.start(Kind::State, first, &messages)
+    }
+
+    /// Writes a message on the bus (a request when `request` gives its timeout) and registers
+    /// it; the batch (of one) to wait on.
+    pub(crate) fn call_send(&self, to: &str, data: Value, request: Option<Duration>) -> Arc<Batch> {
+        let id = self.numbers(1);
+        let message = WorkerMessage::Send {
+            id,
+            to: to.to_string(),
+            data,
+            request: request.is_some(),
+            timeout_ms: request.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        };
+        self.start(Kind::Send, id, &[message])
+    }
+
+    /// Writes a shared-state call whose answer nobody waits for (it is ignored as unknown).
+    pub(crate) fn call_unanswered(&self, call: StateCall) {
+        let id = self.numbers(1);
+        let mut bytes = Vec::new();
+        if append_frame(&mut bytes, &WorkerMessage::State { id, call }).is_ok() {
+            let _ = self.write_all(&bytes);
+        }
+    }
+
+    /// Encodes `messages` (numbered from `first`) into one buffer, registers those that could be
+    /// encoded, and writes them in one go. Calls that could not be sent are answered at once.
+    fn start(&self, kind: Kind, first: u64, messages: &[WorkerMessage]) -> Arc<Batch> {
+        let batch = Arc::new(Batch::new(first, messages.len()));
+        let mut bytes = Vec::with_capacity(messages.len() * 80);
+        let mut sent = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            match append_frame(&mut bytes, message) {
+                Ok(()) => sent.push(index),
+                Err(error) => batch.fill(index, Err(error)),
+            }
+        }
+        if sent.is_empty() {
+            return batch;
+        }
+        {
+            // Registered before the write: the answer may come before the write returns.
+            let mut pending = self.pending();
+            if pending.closed {
+                drop(pending);
+                for index in sent {
+                    batch.fill(index, Err(CallError::ChannelClosed));
+                }
+                return batch;
+            }
+            for &index in &sent {
+                let waiting = Waiting {
+                    kind,
+                    batch: batch.clone(),
+                    index,
+                };
+                pending.calls.insert(first + index as u64, waiting);
+            }
+        }
+        if self.write_all(&bytes).is_err() {
+            // The master is gone (its reader will close the channel), or the stream is broken.
+            self.forget(&batch);
+            for index in sent {
+                batch.fill(index, Err(CallError::ChannelClosed));
+            }
+        }
+        batch
+    }
+
+    /// Hands an answer to the call it is for; unknown numbers (calls given up on) and answers of
+    /// the wrong kind are ignored.
+    pub(super) fn answer(&self, kind: Kind, id: u64, answer: Answer) {
+        let waiting = match self.pending().calls.entry(id) {
+            Entry::Occupied(entry) if entry.get().kind == kind => entry.remove(),
+            _ => return,
+        };
+        waiting.batch.fill(waiting.index, answer);
+    }
+
+    /// Takes the batch's calls still waiting out of [`Pending`]: their answers, should they
+    /// come, will be ignored.
+    fn forget(&self, batch: &Batch) {
+        let len = batch.len();
+        let mut pending = self.pending();
+        for id in batch.first..batch.first + len as u64 {
+            pending.calls.remove(&id);
+        }
+    }
+
+    /// The channel closed: every waiting call, and every later one, gets
+    /// [`CallError::ChannelClosed`].
+    pub(super) fn fail_pending(&self) {
+        let waiting: Vec<Waiting> = {
+            let mut pending = self.pending();
+            pending.closed = true;
+            pending.calls.drain().map(|(_, waiting)| waiting).collect()
+        };
+        for waiting in waiting {
+            waiting
+                .batch
+                .fill(waiting.index, Err(CallError::ChannelClosed));
+        }
+    }
+
+    /// The batch's answers, waiting for them until `deadline` at most (for ever with `None`);
+    /// calls without an answer by then get [`CallError::Timeout`].
+    pub(crate) fn wait(&self, batch: &Batch, deadline: Option<Instant>) -> Vec<Answer> {
+        if !batch.wait_until(deadline) {
+            self.forget(batch);
+        }
+        batch.take()
+    }
+
+    /// The number of calls waiting for an answer.
+    #[cfg(test)]
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending().calls.len()
+    }
+}
+
+/// The answers of a batch, for async callers. Dropped before they are in, it takes the calls out
+/// of [`Pending`].
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub(crate) struct Answers {
+    channel: &'static Channel,
+    batch: Option<Arc<Batch>>,
+}
+
+#[cfg(feature = "tokio")]
+impl Answers {
+    pub(crate) fn new(channel: &'static Channel, batch: Arc<Batch>) -> Answers {
+        Answers {
+            channel,
+            batch: Some(batch),
+        }
+    }
+
+    /// The answers, waiting at most `timeout`; calls without one by then get
+    /// [`CallError::Timeout`].
+    pub(crate) async fn within(mut self, timeout: Duration) -> Vec<Answer> {
+        if ::tokio::time::Instant::now().checked_add(timeout).is_none() {
+            return self.await;
+        }
+        match ::tokio::time::timeout(timeout, &mut self).await {
+            Ok(answers) => answers,
+            Err(_elapsed) => match self.batch.take() {
+                Some(batch) => {
+                    self.channel.forget(&batch);
+                    batch.take()
+                }
+                None => Vec::new(),
+            },
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Future for Answers {
+    type Output = Vec<Answer>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<Answer>> {
+        let Some(batch) = &self.batch else {
+            return Poll::Ready(Vec::new());
+        };
+        let answers = std::task::ready!(batch.poll(cx));
+        self.batch = None;
+        Poll::Ready(answers)
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Drop for Answers {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            self.channel.forget(&batch);
+        }
+    }
+}
+
+/// Appends `message` to `bytes` as one frame, unless it is over the channel's limit.
+fn append_frame(bytes: &mut Vec<u8>, message: &WorkerMessage) -> Result<(), CallError> {
+    let start = bytes.len();
+    bytes.extend_from_slice(&[0; 4]);
+    let encoded = serde_json::to_writer(&mut *bytes, message);
+    let len = bytes.len() - start - 4;
+    if let Err(error) = encoded {
+        // Not reached: JSON values and strings always serialize.
+        bytes.truncate(start);
+        return Err(CallError::Failed(format!(
+            "the call could not be encoded: {error}"
+        )));
+    }
+    if len > MAX_CHANNEL_FRAME_LEN {
+        bytes.truncate(start);
+        return Err(CallError::TooLarge {
+            len,
+            max: MAX_CHANNEL_FRAME_LEN,
+        });
+    }
+    bytes[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// The typed results of the answers, checked against what each operation answers.
+pub(crate) mod decode {
+    use serde_json::Value;
+
+    use super::{Answer, CallError};
+
+    fn unexpected(op: &str, value: &Value) -> CallError {
+        CallError::Failed(format!(
+            "corral answered `{op}` with {value}, which this version of corral-worker does not \
+             understand: use a corral-worker of the same version as corral"
+        ))
+    }
+
+    /// `get`: a string, or nothing.
+    pub(crate) fn optional_string(answer: Answer) -> Result<Option<String>, CallError> {
+        match answer? {
+            Value::String(value) => Ok(Some(value)),
+            Value::Null => Ok(None),
+            other => Err(unexpected("get", &other)),
+        }
+    }
+
+    /// `set`, `subscribe`, `unsubscribe`: done.
+    pub(crate) fn done(op: &str, answer: Answer) -> Result<(), CallError> {
+        match answer? {
+            Value::Bool(true) | Value::Null => Ok(()),
+            other => Err(unexpected(op, &other)),
+        }
+    }
+
+    /// `del`, `cas`: whether it happened.
+    pub(crate) fn boolean(op: &str, answer: Answer) -> Result<bool, CallError> {
+        match answer? {
+            Value::Bool(happened) => Ok(happened),
+            other => Err(unexpected(op, &other)),
+        }
+    }
+
+    /// `incr`: the new value.
+    pub(crate) fn integer(answer: Answer) -> Result<i64, CallError> {
+        let value = answer?;
+        value.as_i64().ok_or_else(|| unexpected("incr", &value))
+    }
+
+    /// `publish`: how many subscriptions got it.
+    pub(crate) fn count(answer: Answer) -> Result<u64, CallError> {
+        let value = answer?;
+        value.as_u64().ok_or_else(|| unexpected("publish", &value))
+    }
+
+    /// `keys`: the keys.
+    pub(crate) fn strings(answer: Answer) -> Result<Vec<String>, CallError> {
+        let value = answer?;
+        serde_json::from_value(value.clone()).map_err(|_| unexpected("keys", &value))
+    }
+
+    /// A message on the bus: how many got it.
+    pub(crate) fn delivered(answer: Answer) -> Result<u64, CallError> {
+        let value = answer?;
+        value
+            .get("delivered")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| unexpected("send", &value))
+    }
+}
+
+/// The one answer of a batch of one.
+pub(crate) fn single(mut answers: Vec<Answer>) -> Answer {
+    answers.pop().unwrap_or(Err(CallError::ChannelClosed))
+}
