@@ -97,7 +97,8 @@ impl Bus {
 /// the sender with an error.
 #[derive(Debug)]
 pub struct Request {
-    /// Who sent it: `worker:<id>` (an agent is a worker too).
+    /// Who sent it: `worker:<id>` (an agent is a worker too), or `cli` for
+    /// `corral send --reply`; `unknown` from a corral that does not say.
     pub from: String,
     /// What it asks (any JSON).
     pub data: Value,

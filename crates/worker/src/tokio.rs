@@ -371,7 +371,7 @@ impl State {
                 .collect();
         };
         let batch = channel.call_state(calls);
-        Answers::new(channel, batch).await
+        Answers::new(channel, batch).within(self.timeout).await
     }
 }
 
@@ -595,8 +595,6 @@ mod tests {
     }
 
     #[tokio::test]
-    #[ignore = "hangs on a current_thread runtime: a call_many in flight when the master goes \
-                away is not ended; open in issue 5"]
     async fn a_dropped_call_leaves_nothing_behind_and_the_channel_closing_ends_the_rest() {
         let (channel, master) = channel();
         let state = State::on(Some(channel));
