@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,30 +98,28 @@ def corral_env(home: Path) -> dict[str, str]:
     return env
 
 
+def summed_rates(commands: list[list[str]], env: dict[str, str]) -> float:
+    """Runs `commands` at once, each printing JSON with `ops_per_sec`; the sum of those rates."""
+    children = [spawn(command, env) for command in commands]
+    total = 0.0
+    for command, child in zip(commands, children):
+        out, err = child.communicate(timeout=DEADLINE)
+        if child.returncode != 0:
+            raise Broken(f"{Path(command[0]).name}: {err.strip()}")
+        total += json.loads(out)["ops_per_sec"]
+    return total
+
+
 def worker_rates(env: dict[str, str], ids: list[int], op: str, ops: int, batch: int) -> float:
     """Runs the benchmark in every worker at once; the sum of their rates."""
     message = json.dumps({"bench": {"op": op, "ops": ops, "batch": batch}})
-    children = [spawn([str(CORRAL), "send", str(i), message, "--reply", "--timeout", "120s"], env)
-                for i in ids]
-    total = 0.0
-    for child in children:
-        out, err = child.communicate(timeout=DEADLINE)
-        if child.returncode != 0:
-            raise Broken(f"corral send --reply: {err.strip()}")
-        total += json.loads(out)["ops_per_sec"]
-    return total
+    return summed_rates([[str(CORRAL), "send", str(i), message, "--reply", "--timeout", "120s"]
+                         for i in ids], env)
 
 
 def direct_rates(url: str, n: int, op: str, ops: int, batch: int) -> float:
-    children = [spawn([str(DIRECT), url, op, str(ops), str(batch)], dict(os.environ))
-                for _ in range(n)]
-    total = 0.0
-    for child in children:
-        out, err = child.communicate(timeout=DEADLINE)
-        if child.returncode != 0:
-            raise Broken(f"redis_direct: {err.strip()}")
-        total += json.loads(out)["ops_per_sec"]
-    return total
+    """Runs the direct client as `n` processes at once; the sum of their rates."""
+    return summed_rates([[str(DIRECT), url, op, str(ops), str(batch)]] * n, dict(os.environ))
 
 
 def measure_corral(home: Path, state: str, workers: int, op: str, ops: int, batch: int,
@@ -136,9 +135,9 @@ def measure_corral(home: Path, state: str, workers: int, op: str, ops: int, batc
 
     ids = wait_for("the workers to be online", ready)
     worker_rates(env, ids, op, ops // 10, batch)  # warm-up
-    rates = sorted(worker_rates(env, ids, op, ops, batch) for _ in range(runs))
+    rate = statistics.median(worker_rates(env, ids, op, ops, batch) for _ in range(runs))
     run([str(CORRAL), "delete", "bench"], env)
-    return rates[len(rates) // 2]
+    return rate
 
 
 def fmt(rate: float) -> str:
@@ -168,7 +167,7 @@ def main() -> int:
         rows = []
         for op in ("get", "set"):
             for n in (1, args.workers):
-                direct = statistics_median(
+                direct = statistics.median(
                     [direct_rates(url, n, op, args.ops, args.batch) for _ in range(args.runs)])
                 embedded = measure_corral(home, "memory", n, op, args.ops, args.batch, args.runs)
                 redis = measure_corral(home, url, n, op, args.ops, args.batch, args.runs)
@@ -202,11 +201,6 @@ def main() -> int:
             except ProcessLookupError:
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def statistics_median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 if __name__ == "__main__":

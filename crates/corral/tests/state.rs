@@ -16,21 +16,9 @@ use support::*;
 
 // ---- fixtures ----
 
-/// The state example, built beside this test by `cargo test --workspace`.
+/// The example's binary, built beside this test.
 fn state_example() -> PathBuf {
-    let me = std::env::current_exe().expect("the test's own path");
-    let profile = me
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("tests run from <target>/<profile>/deps");
-    let path = profile.join("examples").join("state");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds the \
-         corral-worker examples",
-        path.display()
-    );
-    path
+    example("state")
 }
 
 /// The Node helper shipped in the repo.

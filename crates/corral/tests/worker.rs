@@ -21,19 +21,7 @@ use support::*;
 
 /// The example's binary, built beside this test.
 fn hello() -> PathBuf {
-    let me = std::env::current_exe().expect("the test's own path");
-    let profile = me
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("tests run from <target>/<profile>/deps");
-    let path = profile.join("examples").join("hello");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds the \
-         corral-worker examples",
-        path.display()
-    );
-    path
+    example("hello")
 }
 
 /// Starts the example as app `name`, 2 instances, with `args`; waits until both are online.

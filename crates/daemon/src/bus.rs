@@ -56,6 +56,22 @@ struct Inner {
     dropped_logged: Option<Instant>,
 }
 
+impl Inner {
+    /// One member fewer subscribed to `key`; true when it was the last, and the store's
+    /// subscription must go.
+    fn release(&mut self, key: &(StateBackend, String)) -> bool {
+        let Some(count) = self.subscribed.get_mut(key) else {
+            return false;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return false;
+        }
+        self.subscribed.remove(key);
+        true
+    }
+}
+
 #[derive(Debug)]
 struct Member {
     /// Instance id.
@@ -196,12 +212,8 @@ impl Bus {
         let mut unsubscribe = Vec::new();
         for pattern in member.patterns {
             let key = (member.backend.clone(), pattern);
-            if let Some(count) = inner.subscribed.get_mut(&key) {
-                *count -= 1;
-                if *count == 0 {
-                    inner.subscribed.remove(&key);
-                    unsubscribe.push(key);
-                }
+            if inner.release(&key) {
+                unsubscribe.push(key);
             }
         }
         let orphaned: Vec<u64> = inner
@@ -534,13 +546,7 @@ impl Bus {
             if let Some(member) = inner.members.get_mut(&pid) {
                 member.patterns.remove(&pattern);
             }
-            let key = (backend.clone(), pattern);
-            if let Some(count) = inner.subscribed.get_mut(&key) {
-                *count -= 1;
-                if *count == 0 {
-                    inner.subscribed.remove(&key);
-                }
-            }
+            inner.release(&(backend.clone(), pattern));
             return Err(e.to_string());
         }
         Ok(json!(true))
@@ -561,17 +567,7 @@ impl Bus {
             if !member.patterns.remove(&pattern) {
                 return Ok(json!(true));
             }
-            let key = (backend.clone(), pattern.clone());
-            match inner.subscribed.get_mut(&key) {
-                Some(count) if *count > 1 => {
-                    *count -= 1;
-                    false
-                }
-                _ => {
-                    inner.subscribed.remove(&key);
-                    true
-                }
-            }
+            inner.release(&(backend.clone(), pattern.clone()))
         };
         if last {
             store

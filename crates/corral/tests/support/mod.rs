@@ -244,6 +244,25 @@ pub fn show(instances: &[Value]) -> String {
     out
 }
 
+/// A corral-worker example's binary, built beside the test binaries by `cargo test --workspace`.
+// Only the test files that run an example use it.
+#[allow(dead_code)]
+pub fn example(name: &str) -> PathBuf {
+    let me = std::env::current_exe().expect("the test's own path");
+    let profile = me
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from <target>/<profile>/deps");
+    let path = profile.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds the \
+         corral-worker examples",
+        path.display()
+    );
+    path
+}
+
 /// A path as the `&str` a command line wants.
 pub fn arg(path: &Path) -> &str {
     path.to_str().expect("temporary paths are UTF-8")
