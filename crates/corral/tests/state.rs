@@ -475,7 +475,17 @@ fn two_daemons_share_keys_and_channels_through_redis_and_survive_its_restart() {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
     });
-    assert_eq!(state(&b, &["get", "back"]), "yes");
+    // B had been idle: its first call may still meet the connection Redis dropped, and is
+    // answered with the clear error above; then B's reconnected store sees A's key.
+    wait_until(Duration::from_secs(20), "B reads A's key again", || {
+        let out = b.corral(&["state", "get", "back"]);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && text == "yes" {
+            Ok(())
+        } else {
+            Err(format!("{text} {}", String::from_utf8_lossy(&out.stderr)))
+        }
+    });
     wait_until(
         Duration::from_secs(20),
         "a publication reaches B again",
