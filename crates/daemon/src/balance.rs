@@ -93,6 +93,9 @@ enum Outgoing {
     },
 }
 
+/// Node: lines waiting one behind the other are joined into one write up to this size.
+const COALESCE_LINES_UP_TO: usize = 64 * 1024;
+
 /// Node handles sent ahead of their answers, per worker.
 const MAX_HANDLES_IN_FLIGHT: usize = 16;
 
@@ -185,6 +188,16 @@ impl Conduit {
         self.pump(&mut state);
     }
 
+    /// Node: sends lines that need no sequence number, in their turn, written together.
+    pub fn send_lines(self: &Arc<Self>, lines: Vec<Vec<u8>>) {
+        let mut state = self.state();
+        if state.closed {
+            return;
+        }
+        state.queue.extend(lines.into_iter().map(Outgoing::Line));
+        self.pump(&mut state);
+    }
+
     /// Node: sends a line with descriptor `fd` attached, in its turn.
     pub fn send_handle(self: &Arc<Self>, line: impl FnOnce(u64) -> Vec<u8>, fd: OwnedFd) {
         let mut state = self.state();
@@ -250,7 +263,16 @@ impl Conduit {
             {
                 return;
             }
-            let next = state.queue.pop_front().expect("looked at above");
+            let mut next = state.queue.pop_front().expect("looked at above");
+            if let Outgoing::Line(line) = &mut next {
+                // Lines waiting together go in one write.
+                while line.len() < COALESCE_LINES_UP_TO
+                    && let Some(Outgoing::Line(more)) = state.queue.front()
+                {
+                    line.extend_from_slice(more);
+                    state.queue.pop_front();
+                }
+            }
             let written = match &next {
                 Outgoing::Line(line) => self.send_bytes(line, None).map(|n| (n, line)),
                 Outgoing::Handle { line, fd } => {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use corral_proto::channel::{DEFAULT_REQUEST_TIMEOUT_MS, MasterMessage, StateCall, Target};
 use corral_proto::{ErrorKind, Response, StateBackend};
-use corral_state::{Published, StateError, Store, StoreEvent};
+use corral_state::{Op, Outcome, Published, StateError, Store, StoreEvent};
 use serde_json::{Value, json};
 use tokio::sync::{OnceCell, Semaphore, oneshot};
 
@@ -131,6 +131,28 @@ fn deliver(conduit: &Arc<Conduit>, message: &MasterMessage) {
         Codec::Node => {
             let wrapped = json!({ "corral": message });
             conduit.send_line(|_| crate::node::line(&wrapped));
+        }
+    }
+}
+
+/// Writes `messages` to a member in one go.
+fn deliver_all(conduit: &Arc<Conduit>, messages: &[MasterMessage]) {
+    match conduit.codec() {
+        Codec::Corral => {
+            let mut frames = Vec::new();
+            for message in messages {
+                if let Ok(frame) = corral_proto::frame::encode(message) {
+                    frames.extend_from_slice(&frame);
+                }
+            }
+            conduit.send_now(&frames);
+        }
+        Codec::Node => {
+            let lines = messages
+                .iter()
+                .map(|message| crate::node::line(&json!({ "corral": message })))
+                .collect();
+            conduit.send_lines(lines);
         }
     }
 }
@@ -435,23 +457,25 @@ impl Bus {
         answer(&inner, pending.origin, error.map_or(Ok(data), Err));
     }
 
-    /// A member's state call: run on a task of its own; waits while the member has
-    /// [`MAX_CALLS_IN_FLIGHT`] running (back-pressure on its channel).
-    pub async fn state(&self, pid: u32, id: u64, call: StateCall) {
-        let Some((calls, conduit, backend)) = lock(&self.inner)
+    /// A member's state calls, as read from its channel together: run on a task of their own,
+    /// the key/value calls among them as one pipeline, answered together in one write. Waits
+    /// while the member has [`MAX_CALLS_IN_FLIGHT`] running (back-pressure on its channel).
+    pub async fn state(&self, pid: u32, calls: Vec<(u64, StateCall)>) {
+        let Some((slots, conduit, backend)) = lock(&self.inner)
             .members
             .get(&pid)
             .map(|m| (m.calls.clone(), m.conduit.clone(), m.backend.clone()))
         else {
             return;
         };
-        let Ok(permit) = calls.acquire_owned().await else {
+        let wanted = u32::try_from(calls.len().min(MAX_CALLS_IN_FLIGHT)).unwrap_or(1);
+        let Ok(permit) = slots.acquire_many_owned(wanted).await else {
             return;
         };
         let bus = self.arc();
         tokio::spawn(async move {
-            let result = bus.call(pid, &backend, call).await;
-            deliver(&conduit, &state_answer(id, result));
+            let answers = bus.call_many(pid, &backend, calls).await;
+            deliver_all(&conduit, &answers);
             drop(permit);
         });
     }
@@ -468,54 +492,71 @@ impl Bus {
                  and the key/value calls work",
             );
         }
-        match self.call(0, backend, call).await {
-            Ok(value) => Response::Value { value },
-            Err(message) => Response::error(ErrorKind::Io, message),
+        let mut answers = self.call_many(0, backend, vec![(0, call)]).await;
+        match answers.pop() {
+            Some(MasterMessage::State {
+                ok: Some(value), ..
+            }) => Response::Value { value },
+            Some(MasterMessage::State {
+                error: Some(message),
+                ..
+            }) => Response::error(ErrorKind::Io, message),
+            _ => Response::error(ErrorKind::Io, "the store gave no answer"),
         }
     }
 
-    async fn call(
+    /// Does `calls` in order, each answered by a `state` message with its number: runs of
+    /// key/value calls as one pipeline each, the others (keys, subscriptions) one by one.
+    async fn call_many(
         &self,
         pid: u32,
         backend: &StateBackend,
+        calls: Vec<(u64, StateCall)>,
+    ) -> Vec<MasterMessage> {
+        let store = match self.store(backend).await {
+            Ok(store) => store,
+            Err(why) => {
+                return calls
+                    .into_iter()
+                    .map(|(id, _)| state_answer(id, Err(why.clone())))
+                    .collect();
+            }
+        };
+        let mut answers = Vec::with_capacity(calls.len());
+        let mut run: Vec<(u64, Op)> = Vec::new();
+        for (id, call) in calls {
+            match pipelined(call) {
+                Ok(op) => run.push((id, op)),
+                Err(call) => {
+                    pipeline(&store, std::mem::take(&mut run), &mut answers).await;
+                    let result = self.call_alone(pid, backend, &store, call).await;
+                    answers.push(state_answer(id, result));
+                }
+            }
+        }
+        pipeline(&store, run, &mut answers).await;
+        answers
+    }
+
+    /// A call that is not pipelined.
+    async fn call_alone(
+        &self,
+        pid: u32,
+        backend: &StateBackend,
+        store: &Store,
         call: StateCall,
     ) -> Result<Value, String> {
-        let store = self.store(backend).await?;
-        let ttl = |ms: Option<u64>| ms.map(Duration::from_millis);
-        let text = |e: StateError| e.to_string();
         match call {
-            StateCall::Get { key } => store.get(&key).await.map(|v| json!(v)).map_err(text),
-            StateCall::Set { key, value, ttl_ms } => store
-                .set(&key, &value, ttl(ttl_ms))
-                .await
-                .map(|()| json!(true))
-                .map_err(text),
-            StateCall::Del { key } => store.del(&key).await.map(|v| json!(v)).map_err(text),
-            StateCall::Incr { key, by } => {
-                store.incr(&key, by).await.map(|v| json!(v)).map_err(text)
-            }
-            StateCall::Cas {
-                key,
-                expected,
-                new,
-                ttl_ms,
-            } => store
-                .cas(&key, expected.as_deref(), new.as_deref(), ttl(ttl_ms))
+            StateCall::Keys { pattern } => store
+                .keys(&pattern)
                 .await
                 .map(|v| json!(v))
-                .map_err(text),
-            StateCall::Keys { pattern } => {
-                store.keys(&pattern).await.map(|v| json!(v)).map_err(text)
-            }
-            StateCall::Publish { channel, message } => store
-                .publish(&channel, &message)
-                .await
-                .map(|v| json!(v))
-                .map_err(text),
-            StateCall::Subscribe { pattern } => self.subscribe(pid, backend, &store, pattern).await,
+                .map_err(|e| e.to_string()),
+            StateCall::Subscribe { pattern } => self.subscribe(pid, backend, store, pattern).await,
             StateCall::Unsubscribe { pattern } => {
-                self.unsubscribe(pid, backend, &store, pattern).await
+                self.unsubscribe(pid, backend, store, pattern).await
             }
+            call => Err(format!("{call:?} is pipelined, not called alone")),
         }
     }
 
@@ -612,6 +653,56 @@ impl Bus {
                 inner.dropped_logged = Some(Instant::now());
             }
         }
+    }
+}
+
+/// The store operation of a key/value call or a publication; the call itself when it is
+/// another kind.
+fn pipelined(call: StateCall) -> Result<Op, StateCall> {
+    let ttl = |ms: Option<u64>| ms.map(Duration::from_millis);
+    Ok(match call {
+        StateCall::Get { key } => Op::Get { key },
+        StateCall::Set { key, value, ttl_ms } => Op::Set {
+            key,
+            value,
+            ttl: ttl(ttl_ms),
+        },
+        StateCall::Del { key } => Op::Del { key },
+        StateCall::Incr { key, by } => Op::Incr { key, by },
+        StateCall::Cas {
+            key,
+            expected,
+            new,
+            ttl_ms,
+        } => Op::Cas {
+            key,
+            expected,
+            new,
+            ttl: ttl(ttl_ms),
+        },
+        StateCall::Publish { channel, message } => Op::Publish { channel, message },
+        call => return Err(call),
+    })
+}
+
+/// Runs `run` as one pipeline on `store`, its answers appended to `answers`.
+async fn pipeline(store: &Store, run: Vec<(u64, Op)>, answers: &mut Vec<MasterMessage>) {
+    if run.is_empty() {
+        return;
+    }
+    let (ids, ops): (Vec<u64>, Vec<Op>) = run.into_iter().unzip();
+    let results = store.pipeline(ops).await;
+    for (id, result) in ids.into_iter().zip(results) {
+        let result = result
+            .map_err(|e| e.to_string())
+            .map(|outcome| match outcome {
+                Outcome::Value(value) => json!(value),
+                Outcome::Done => json!(true),
+                Outcome::Yes(yes) => json!(yes),
+                Outcome::Number(n) => json!(n),
+                Outcome::Count(n) => json!(n),
+            });
+        answers.push(state_answer(id, result));
     }
 }
 

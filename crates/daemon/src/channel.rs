@@ -55,7 +55,7 @@ async fn to_bus(bus: &Bus, pid: u32, message: WorkerMessage) -> Option<WorkerMes
             data,
             error,
         } => bus.reply(pid, request, data, error),
-        WorkerMessage::State { id, call } => bus.state(pid, id, call).await,
+        WorkerMessage::State { id, call } => bus.state(pid, vec![(id, call)]).await,
         message => return Some(message),
     }
     None
@@ -87,8 +87,14 @@ async fn read_until_closed(
             Ok(messages) => messages,
             Err(problem) => return Some(problem),
         };
+        // The state calls of one read run together: one pipeline, one write of the answers.
+        let mut calls = Vec::new();
         for message in messages {
             let answered = match message {
+                WorkerMessage::State { id, call } => {
+                    calls.push((id, call));
+                    continue;
+                }
                 WorkerMessage::Accepted { id } => conduit.accepted(id),
                 WorkerMessage::Refused { id } => conduit.refused(id),
                 WorkerMessage::Closed { .. } => {
@@ -107,6 +113,9 @@ async fn read_until_closed(
                     "it answered about a connection it was not given, or answered twice".into(),
                 );
             }
+        }
+        if !calls.is_empty() {
+            bus.state(pid, calls).await;
         }
     }
 }
@@ -158,6 +167,7 @@ async fn read_node_until_closed(
         pending.extend_from_slice(&chunk[..n]);
         let mut at = 0;
         let mut from = start;
+        let mut calls = Vec::new();
         while let Some(end) = pending[from..].iter().position(|&b| b == b'\n') {
             let line = &pending[at..from + end];
             let parsed = match node::parse(line) {
@@ -199,6 +209,7 @@ async fn read_node_until_closed(
                     // `process.send({corral: ...})`: a worker message for corral itself.
                     let inner = object.remove("corral").unwrap_or_default();
                     match serde_json::from_value::<WorkerMessage>(inner) {
+                        Ok(WorkerMessage::State { id, call }) => calls.push((id, call)),
                         Ok(message) => {
                             if let Some(message) = to_bus(bus, pid, message).await {
                                 events.send(Event::Worker { pid, message }).ok()?;
@@ -219,6 +230,9 @@ async fn read_node_until_closed(
             from = at;
         }
         pending.drain(..at);
+        if !calls.is_empty() {
+            bus.state(pid, calls).await;
+        }
         if pending.len() > node::MAX_LINE {
             return Some(format!(
                 "it sent a line longer than {} bytes",

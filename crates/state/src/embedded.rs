@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::glob::Glob;
-use crate::{Published, StateError, StoreEvent};
+use crate::{Checked, Op, Outcome, Published, StateError, StoreEvent};
 
 /// How often expired keys are swept and a changed snapshot is written.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
@@ -284,6 +284,26 @@ impl Embedded {
             let _ = self.shared.events.send(event).await;
         }
         patterns.len() as u64
+    }
+
+    /// One op of a pipeline.
+    pub(crate) async fn run(&self, checked: Checked) -> Result<Outcome, StateError> {
+        let ttl_ms = checked.ttl_ms;
+        Ok(match checked.op {
+            Op::Get { key } => Outcome::Value(self.get(&key)),
+            Op::Set { key, value, .. } => {
+                self.set(&key, &value, ttl_ms);
+                Outcome::Done
+            }
+            Op::Del { key } => Outcome::Yes(self.del(&key)),
+            Op::Incr { key, by } => Outcome::Number(self.incr(&key, by)?),
+            Op::Cas {
+                key, expected, new, ..
+            } => Outcome::Yes(self.cas(&key, expected.as_deref(), new.as_deref(), ttl_ms)),
+            Op::Publish { channel, message } => {
+                Outcome::Count(self.publish(&channel, &message).await)
+            }
+        })
     }
 
     pub(crate) fn subscribe(&self, pattern: &str, glob: Glob) {

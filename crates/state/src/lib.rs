@@ -112,6 +112,116 @@ pub enum StoreEvent {
     },
 }
 
+/// One operation of a [`Store::pipeline`]: the key/value calls and `publish`, each as its
+/// method of the same name on [`Store`] describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// [`Store::get`].
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// [`Store::set`].
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Time to live.
+        ttl: Option<Duration>,
+    },
+    /// [`Store::del`].
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// [`Store::incr`].
+    Incr {
+        /// The key.
+        key: String,
+        /// The increment.
+        by: i64,
+    },
+    /// [`Store::cas`].
+    Cas {
+        /// The key.
+        key: String,
+        /// The value it must have now (`None`: it must not exist).
+        expected: Option<String>,
+        /// The value it gets (`None`: it is deleted).
+        new: Option<String>,
+        /// Time to live of the new value.
+        ttl: Option<Duration>,
+    },
+    /// [`Store::publish`].
+    Publish {
+        /// The channel.
+        channel: String,
+        /// The message.
+        message: String,
+    },
+}
+
+/// What one [`Op`] of a pipeline gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `Get`: the value, `None` when the key is not set.
+    Value(Option<String>),
+    /// `Set`: done.
+    Done,
+    /// `Del`: whether the key existed; `Cas`: whether it swapped.
+    Yes(bool),
+    /// `Incr`: the new value.
+    Number(i64),
+    /// `Publish`: how many subscriptions got the message.
+    Count(u64),
+}
+
+/// An [`Op`] that passed the limits, its TTL in whole milliseconds.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    pub(crate) op: Op,
+    pub(crate) ttl_ms: Option<u64>,
+}
+
+impl Op {
+    /// The op within the limits, or why not.
+    fn check(self) -> Result<Checked, StateError> {
+        let ttl = match &self {
+            Op::Get { key } | Op::Del { key } | Op::Incr { key, .. } => {
+                check_key(key)?;
+                None
+            }
+            Op::Set { key, value, ttl } => {
+                check_key(key)?;
+                check_value(value)?;
+                *ttl
+            }
+            Op::Cas {
+                key,
+                expected,
+                new,
+                ttl,
+            } => {
+                check_key(key)?;
+                for value in [expected, new].into_iter().flatten() {
+                    check_value(value)?;
+                }
+                *ttl
+            }
+            Op::Publish { channel, message } => {
+                check_key(channel)?;
+                check_value(message)?;
+                None
+            }
+        };
+        Ok(Checked {
+            ttl_ms: check_ttl(ttl)?,
+            op: self,
+        })
+    }
+}
+
 /// The store: cheap to clone (every clone is the same store), usable from any task.
 #[derive(Clone)]
 pub struct Store {
@@ -301,6 +411,27 @@ impl Store {
                 r.unsubscribe(pattern).await;
                 Ok(())
             }
+        }
+    }
+
+    /// Does `ops` in order and gives each its own result, as one round trip: with Redis, one
+    /// pipeline (not a transaction: other clients' commands may come between two ops). An op
+    /// over the limits gets its error and is not sent; an op Redis refuses gets Redis's error
+    /// and the others go on; when Redis is unreachable, every op sent gets that error.
+    pub async fn pipeline(&self, ops: Vec<Op>) -> Vec<Result<Outcome, StateError>> {
+        let checked: Vec<Result<Checked, StateError>> = ops.into_iter().map(Op::check).collect();
+        match &*self.backend {
+            Backend::Embedded(e) => {
+                let mut results = Vec::with_capacity(checked.len());
+                for op in checked {
+                    results.push(match op {
+                        Ok(op) => e.run(op).await,
+                        Err(e) => Err(e),
+                    });
+                }
+                results
+            }
+            Backend::Redis(r) => r.pipeline(checked).await,
         }
     }
 

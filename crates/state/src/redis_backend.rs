@@ -23,7 +23,7 @@ use redis::{Client, ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use crate::{COMMAND_TIMEOUT, Published, StateError, StoreEvent};
+use crate::{COMMAND_TIMEOUT, Checked, Op, Outcome, Published, StateError, StoreEvent};
 
 /// First wait before reconnecting the pub/sub connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -138,9 +138,30 @@ impl Remote {
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        self.run_with(call, false).await
+    }
+
+    /// [`run`](Self::run) for a command that may be done twice with the same effect and answer
+    /// (GET, SET, SCAN): it is also tried once more when the connection turns out to be dropped,
+    /// as it is on the first call after Redis restarted while this store was idle. Other
+    /// commands fail then, since Redis may have done them before the connection broke.
+    async fn run_idempotent<T, F, Fut>(&self, call: F) -> Result<T, StateError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.run_with(call, true).await
+    }
+
+    async fn run_with<T, F, Fut>(&self, call: F, idempotent: bool) -> Result<T, StateError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let attempt = async {
             match call(self.conn.clone()).await {
                 Err(e) if e.is_connection_refusal() => call(self.conn.clone()).await,
+                Err(e) if idempotent && e.is_connection_dropped() => call(self.conn.clone()).await,
                 other => other,
             }
         };
@@ -168,7 +189,9 @@ impl Remote {
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<String>, StateError> {
         let value: Option<Vec<u8>> = self
-            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .run_idempotent(
+                |mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await },
+            )
             .await?;
         value
             .map(|v| {
@@ -185,7 +208,7 @@ impl Remote {
         value: &str,
         ttl_ms: Option<u64>,
     ) -> Result<(), StateError> {
-        self.run(|mut c| async move {
+        self.run_idempotent(|mut c| async move {
             let mut cmd = redis::cmd("SET");
             cmd.arg(key).arg(value);
             if let Some(ms) = ttl_ms {
@@ -213,19 +236,7 @@ impl Remote {
                     .await
             })
             .await;
-        match result {
-            Err(StateError::Redis { reason, .. }) if reason.contains("not an integer") => {
-                Err(StateError::NotInteger {
-                    key: key.to_owned(),
-                })
-            }
-            Err(StateError::Redis { reason, .. }) if reason.contains("overflow") => {
-                Err(StateError::Overflow {
-                    key: key.to_owned(),
-                })
-            }
-            other => other,
-        }
+        result.map_err(|e| incr_error(key, e))
     }
 
     pub(crate) async fn cas(
@@ -257,7 +268,7 @@ impl Remote {
         let mut cursor: u64 = 0;
         loop {
             let (next, batch): (u64, Vec<Vec<u8>>) = self
-                .run(|mut c| async move {
+                .run_idempotent(|mut c| async move {
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
@@ -287,6 +298,128 @@ impl Remote {
             })
             .await?;
         Ok(n)
+    }
+
+    /// The ops that passed the limits as one pipeline; each result in its place.
+    pub(crate) async fn pipeline(
+        &self,
+        ops: Vec<Result<Checked, StateError>>,
+    ) -> Vec<Result<Outcome, StateError>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if ops.iter().flatten().any(|c| matches!(c.op, Op::Cas { .. })) {
+            // EVALSHA needs the script in Redis's cache, which a restart empties.
+            pipe.load_script(&self.cas).ignore();
+        }
+        for checked in ops.iter().flatten() {
+            self.add(&mut pipe, checked);
+        }
+        let sent = ops.iter().flatten().count();
+        let mut replies = if sent == 0 {
+            Ok(Vec::new())
+        } else {
+            let idempotent = ops
+                .iter()
+                .flatten()
+                .all(|c| matches!(c.op, Op::Get { .. } | Op::Set { .. }));
+            let call = |mut c: ConnectionManager| {
+                let pipe = &pipe;
+                async move { pipe.query_async::<Vec<Value>>(&mut c).await }
+            };
+            self.run_with(call, idempotent).await
+        };
+        if let Ok(values) = &replies
+            && values.len() != sent
+        {
+            replies = Err(StateError::Redis {
+                url: self.url.clone(),
+                reason: format!("{} replies came for {sent} commands", values.len()),
+            });
+        }
+        let mut values = match replies {
+            Ok(values) => Ok(values.into_iter()),
+            Err(e) => Err(e),
+        };
+        ops.into_iter()
+            .map(|op| {
+                let op = op?;
+                match &mut values {
+                    Ok(values) => self.outcome(op, values.next().unwrap_or(Value::Nil)),
+                    Err(e) => Err(again(e)),
+                }
+            })
+            .collect()
+    }
+
+    /// Adds the command of one op to `pipe`.
+    fn add(&self, pipe: &mut redis::Pipeline, checked: &Checked) {
+        match &checked.op {
+            Op::Get { key } => {
+                pipe.cmd("GET").arg(key);
+            }
+            Op::Set { key, value, .. } => {
+                pipe.cmd("SET").arg(key).arg(value);
+                if let Some(ms) = checked.ttl_ms {
+                    pipe.arg("PX").arg(ms);
+                }
+            }
+            Op::Del { key } => {
+                pipe.cmd("DEL").arg(key);
+            }
+            Op::Incr { key, by } => {
+                pipe.cmd("INCRBY").arg(key).arg(*by);
+            }
+            Op::Cas {
+                key, expected, new, ..
+            } => {
+                let ttl = checked.ttl_ms.map(|ms| ms.to_string()).unwrap_or_default();
+                let mut invocation = self.cas.key(key);
+                invocation
+                    .arg(if expected.is_some() { "1" } else { "0" })
+                    .arg(expected.as_deref().unwrap_or(""))
+                    .arg(if new.is_some() { "1" } else { "0" })
+                    .arg(new.as_deref().unwrap_or(""))
+                    .arg(ttl.as_str());
+                pipe.invoke_script(&invocation);
+            }
+            Op::Publish { channel, message } => {
+                pipe.cmd("PUBLISH").arg(channel).arg(message);
+            }
+        }
+    }
+
+    /// What Redis's reply to one op of a pipeline means.
+    fn outcome(&self, checked: Checked, value: Value) -> Result<Outcome, StateError> {
+        let refused = |e: RedisError| self.error(&e);
+        let value = match value {
+            Value::ServerError(e) => Err(refused(e.into())),
+            value => Ok(value),
+        };
+        let number = |value: Result<Value, StateError>| -> Result<i64, StateError> {
+            redis::from_redis_value::<i64>(value?).map_err(|e| StateError::Redis {
+                url: self.url.clone(),
+                reason: format!("an unexpected reply: {e}"),
+            })
+        };
+        match checked.op {
+            Op::Get { key } => match value? {
+                Value::Nil => Ok(Outcome::Value(None)),
+                Value::BulkString(bytes) => String::from_utf8(bytes)
+                    .map(|v| Outcome::Value(Some(v)))
+                    .map_err(|_| StateError::NotUtf8 { key }),
+                other => Err(StateError::Redis {
+                    url: self.url.clone(),
+                    reason: format!("an unexpected reply to GET: {other:?}"),
+                }),
+            },
+            Op::Set { .. } => value.map(|_| Outcome::Done),
+            Op::Del { .. } => Ok(Outcome::Yes(number(value)? > 0)),
+            Op::Incr { key, .. } => number(value)
+                .map(Outcome::Number)
+                .map_err(|e| incr_error(&key, e)),
+            Op::Cas { .. } => Ok(Outcome::Yes(number(value)? == 1)),
+            Op::Publish { .. } => Ok(Outcome::Count(number(value)?.unsigned_abs())),
+        }
     }
 
     pub(crate) async fn subscribe(&self, pattern: &str) -> Result<(), StateError> {
@@ -326,6 +459,40 @@ impl Remote {
         };
         // The task answers at once in every state; the limit is only a backstop.
         let _ = timeout(COMMAND_TIMEOUT, asked).await;
+    }
+}
+
+/// INCRBY's refusals in corral's words.
+fn incr_error(key: &str, e: StateError) -> StateError {
+    match e {
+        StateError::Redis { reason, .. } if reason.contains("not an integer") => {
+            StateError::NotInteger {
+                key: key.to_owned(),
+            }
+        }
+        StateError::Redis { reason, .. } if reason.contains("overflow") => StateError::Overflow {
+            key: key.to_owned(),
+        },
+        other => other,
+    }
+}
+
+/// The same error again, for every op of a pipeline that failed as a whole (which `run` reports
+/// as `Unavailable` or `Redis`).
+fn again(e: &StateError) -> StateError {
+    match e {
+        StateError::Redis { url, reason } => StateError::Redis {
+            url: url.clone(),
+            reason: reason.clone(),
+        },
+        StateError::Unavailable { url, reason } => StateError::Unavailable {
+            url: url.clone(),
+            reason: reason.clone(),
+        },
+        other => StateError::Unavailable {
+            url: String::new(),
+            reason: other.to_string(),
+        },
     }
 }
 

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{DEADLINE, Fixture, next_event, next_published};
-use corral_state::{StateError, Store, StoreEvent};
+use corral_state::{Op, Outcome, StateError, Store, StoreEvent};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Instant;
 
@@ -320,6 +320,28 @@ async fn survives_redis_dying_and_coming_back() {
         );
     }
     assert!(started.elapsed() < Duration::from_secs(12));
+    // A pipeline fails op by op, each with the outage, and a refused op with its own error.
+    let piped = store
+        .pipeline(vec![
+            Op::Get {
+                key: "before".into(),
+            },
+            Op::Del { key: String::new() },
+            Op::Incr {
+                key: "k".into(),
+                by: 1,
+            },
+        ])
+        .await;
+    assert!(
+        matches!(piped[0], Err(StateError::Unavailable { .. })),
+        "{piped:?}"
+    );
+    assert!(matches!(piped[1], Err(StateError::EmptyKey)), "{piped:?}");
+    assert!(
+        matches!(piped[2], Err(StateError::Unavailable { .. })),
+        "{piped:?}"
+    );
     // Unsubscribing while down succeeds: that pattern is simply not subscribed again.
     store.subscribe("temporary.*").await.unwrap_err();
     store.unsubscribe("temporary.*").await.unwrap();
@@ -331,6 +353,21 @@ async fn survives_redis_dying_and_coming_back() {
     assert_eq!(store.get("after").await.unwrap().as_deref(), Some("2"));
     // The server came back empty; the CAS script is loaded again by itself.
     assert!(store.cas("lock", None, Some("y"), None).await.unwrap());
+    // And in a pipeline, where it is loaded by the pipeline itself: restarted again to empty
+    // the script cache.
+    server.kill();
+    server.restart().await;
+    // The first call after a restart meets the dropped connection: a read is tried again.
+    assert_eq!(store.get("lock").await.unwrap(), None);
+    let piped = store
+        .pipeline(vec![Op::Cas {
+            key: "lock".into(),
+            expected: None,
+            new: Some("z".into()),
+            ttl: None,
+        }])
+        .await;
+    assert!(matches!(piped[..], [Ok(Outcome::Yes(true))]), "{piped:?}");
 
     // The subscription resumes, announced by Connected.
     assert_eq!(

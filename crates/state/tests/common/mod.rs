@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;
 
-use corral_state::{MAX_KEY_LEN, MAX_VALUE_LEN, Published, StateError, Store, StoreEvent};
+use corral_state::{
+    MAX_KEY_LEN, MAX_VALUE_LEN, Op, Outcome, Published, StateError, Store, StoreEvent,
+};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
 
@@ -403,6 +405,89 @@ pub async fn concurrent_cas(f: &mut Fixture) {
     );
 }
 
+/// A pipeline does its ops in order, each with its own result: a refused op (over the limits,
+/// or not an integer) fails alone and the ops after it still run.
+pub async fn pipeline_in_order(f: &mut Fixture) {
+    f.store.subscribe("piped.*").await.unwrap();
+    let s = |text: &str| text.to_owned();
+    let ops = vec![
+        Op::Set {
+            key: s("p:a"),
+            value: s("1"),
+            ttl: None,
+        },
+        Op::Incr {
+            key: s("p:a"),
+            by: 41,
+        },
+        Op::Get { key: s("p:a") },
+        Op::Set {
+            key: s("p:text"),
+            value: s("words"),
+            ttl: Some(Duration::from_secs(60)),
+        },
+        Op::Incr {
+            key: s("p:text"),
+            by: 1,
+        },
+        Op::Get {
+            key: "k".repeat(MAX_KEY_LEN + 1),
+        },
+        Op::Cas {
+            key: s("p:a"),
+            expected: Some(s("42")),
+            new: Some(s("43")),
+            ttl: None,
+        },
+        Op::Cas {
+            key: s("p:a"),
+            expected: Some(s("42")),
+            new: Some(s("44")),
+            ttl: None,
+        },
+        Op::Del { key: s("p:text") },
+        Op::Del { key: s("p:text") },
+        Op::Get {
+            key: s("p:missing"),
+        },
+        Op::Set {
+            key: s("p:ttl"),
+            value: s("v"),
+            ttl: Some(Duration::ZERO),
+        },
+        Op::Publish {
+            channel: s("piped.x"),
+            message: s("hello"),
+        },
+        Op::Get { key: s("p:a") },
+    ];
+    let results = f.store.pipeline(ops).await;
+    assert_eq!(results.len(), 14);
+    let ok: Vec<Option<Outcome>> = results.iter().map(|r| r.as_ref().ok().cloned()).collect();
+    assert_eq!(ok[0], Some(Outcome::Done));
+    assert_eq!(ok[1], Some(Outcome::Number(42)));
+    assert_eq!(ok[2], Some(Outcome::Value(Some(s("42")))));
+    assert_eq!(ok[3], Some(Outcome::Done));
+    assert!(matches!(results[4], Err(StateError::NotInteger { ref key }) if key == "p:text"));
+    assert!(matches!(results[5], Err(StateError::KeyTooLong { .. })));
+    assert_eq!(ok[6], Some(Outcome::Yes(true)));
+    assert_eq!(ok[7], Some(Outcome::Yes(false)));
+    assert_eq!(ok[8], Some(Outcome::Yes(true)));
+    assert_eq!(ok[9], Some(Outcome::Yes(false)));
+    assert_eq!(ok[10], Some(Outcome::Value(None)));
+    assert!(matches!(results[11], Err(StateError::BadTtl { .. })));
+    assert_eq!(ok[12], Some(Outcome::Count(1)));
+    assert_eq!(ok[13], Some(Outcome::Value(Some(s("43")))));
+    assert_eq!(
+        next_published(&mut f.events).await,
+        published("piped.*", "piped.x", "hello")
+    );
+    assert_eq!(f.store.pipeline(Vec::new()).await.len(), 0);
+    // Only refused ops: nothing is sent, every op has its error.
+    let refused = f.store.pipeline(vec![Op::Del { key: String::new() }]).await;
+    assert!(matches!(refused[..], [Err(StateError::EmptyKey)]));
+}
+
 /// Instantiates every behaviour test for a backend; `$make` is an `async fn() ->
 /// Option<Fixture>` (`None` skips the test).
 #[macro_export]
@@ -442,6 +527,12 @@ macro_rules! behaviour_tests {
         async fn limits_are_enforced() {
             let Some(mut f) = $make().await else { return };
             common::limits_are_enforced(&mut f).await;
+        }
+
+        #[tokio::test]
+        async fn pipeline_in_order() {
+            let Some(mut f) = $make().await else { return };
+            common::pipeline_in_order(&mut f).await;
         }
 
         #[tokio::test]
