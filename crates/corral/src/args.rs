@@ -275,6 +275,28 @@ pub enum StateCommand {
         #[arg(allow_hyphen_values = true)]
         by: Option<i64>,
     },
+    /// Compare-and-set: change a key only if it holds the value expected; prints whether it did.
+    #[command(group(clap::ArgGroup::new("expected").required(true).args(["expect", "expect_missing"])))]
+    #[command(group(clap::ArgGroup::new("change").required(true).args(["new", "delete"])))]
+    Cas {
+        /// The key.
+        key: String,
+        /// The value it must hold now.
+        #[arg(long, value_name = "VALUE")]
+        expect: Option<String>,
+        /// It must not be set now.
+        #[arg(long)]
+        expect_missing: bool,
+        /// The value it gets.
+        #[arg(long, value_name = "VALUE")]
+        new: Option<String>,
+        /// It is removed.
+        #[arg(long)]
+        delete: bool,
+        /// The new value is removed after this long: 30s, 5m.
+        #[arg(long, value_name = "DURATION", conflicts_with = "delete")]
+        ttl: Option<String>,
+    },
     /// List keys matching a glob pattern.
     #[command(alias = "keys")]
     Ls {

@@ -248,21 +248,36 @@ fn state_call(command: StateCommand) -> Result<StateCall> {
         StateCommand::Set { key, value, ttl } => StateCall::Set {
             key,
             value,
-            ttl_ms: ttl
-                .as_deref()
-                .map(|t| config::parse_duration_ms(t).map_err(|e| anyhow!("--ttl: {e}")))
-                .transpose()?,
+            ttl_ms: ttl_ms(ttl.as_deref())?,
         },
         StateCommand::Del { key } => StateCall::Del { key },
         StateCommand::Incr { key, by } => StateCall::Incr {
             key,
             by: by.unwrap_or(1),
         },
+        StateCommand::Cas {
+            key,
+            expect,
+            new,
+            ttl,
+            ..
+        } => StateCall::Cas {
+            key,
+            expected: expect,
+            new,
+            ttl_ms: ttl_ms(ttl.as_deref())?,
+        },
         StateCommand::Ls { pattern } => StateCall::Keys {
             pattern: pattern.unwrap_or_else(|| "*".into()),
         },
         StateCommand::Publish { channel, message } => StateCall::Publish { channel, message },
     })
+}
+
+/// `--ttl` in milliseconds.
+fn ttl_ms(ttl: Option<&str>) -> Result<Option<u64>> {
+    ttl.map(|t| config::parse_duration_ms(t).map_err(|e| anyhow!("--ttl: {e}")))
+        .transpose()
 }
 
 fn done_command(home: &Home, request: &Request) -> Result<()> {

@@ -221,6 +221,18 @@ fn the_state_cli_reads_and_changes_keys_and_refuses_bad_input() {
     assert_eq!(state(&home, &["incr", "hits", "-2"]), "3");
     let keys: Value = serde_json::from_str(&state(&home, &["ls"])).expect("JSON");
     assert_eq!(keys, serde_json::json!(["greeting", "hits"]));
+    let cas = |args: &[&str]| state(&home, &[&["cas", "greeting"], args].concat());
+    assert_eq!(cas(&["--expect", "hi", "--new", "x"]), "false");
+    assert_eq!(cas(&["--expect", "hello", "--new", "hi"]), "true");
+    assert_eq!(state(&home, &["get", "greeting"]), "hi");
+    assert_eq!(cas(&["--expect-missing", "--new", "x"]), "false");
+    assert_eq!(cas(&["--expect", "hi", "--delete"]), "true");
+    assert_eq!(
+        cas(&["--expect-missing", "--new", "back", "--ttl", "1h"]),
+        "true"
+    );
+    let unclear = home.fails(&["state", "cas", "greeting", "--new", "x"]);
+    assert!(unclear.contains("--expect"), "{unclear}");
     assert_eq!(state(&home, &["del", "greeting"]), "true");
     assert_eq!(state(&home, &["get", "greeting"]), "null");
     let not_integer = {

@@ -139,11 +139,9 @@ fn deliver(conduit: &Arc<Conduit>, message: &MasterMessage) {
 fn deliver_all(conduit: &Arc<Conduit>, messages: &[MasterMessage]) {
     match conduit.codec() {
         Codec::Corral => {
-            let mut frames = Vec::new();
+            let mut frames = Vec::with_capacity(messages.len() * 48);
             for message in messages {
-                if let Ok(frame) = corral_proto::frame::encode(message) {
-                    frames.extend_from_slice(&frame);
-                }
+                let _ = corral_proto::frame::append(&mut frames, message);
             }
             conduit.send_now(&frames);
         }

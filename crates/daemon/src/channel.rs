@@ -16,6 +16,9 @@ use crate::bus::Bus;
 use crate::node::{self, Cluster, FromWorker};
 use crate::supervisor::Event;
 
+/// The most one read from a worker's channel takes.
+const MAX_READ: usize = 64 * 1024;
+
 /// The master's end as a tokio stream.
 pub fn open(fd: OwnedFd) -> io::Result<UnixStream> {
     let stream = std::os::unix::net::UnixStream::from(fd);
@@ -69,7 +72,8 @@ async fn read_until_closed(
 ) -> Option<String> {
     let (pid, stream) = (conduit.pid(), conduit.stream());
     let mut pending: Vec<u8> = Vec::new();
-    // Workers say little: a small buffer, so that idle workers cost the daemon little memory.
+    // Most workers say little: a small buffer, so that idle workers cost the daemon little
+    // memory; it grows for a worker that fills it (many state calls).
     let mut chunk = vec![0u8; 4096];
     loop {
         let n = match receive(stream, &mut chunk).await {
@@ -83,6 +87,9 @@ async fn read_until_closed(
             Err(problem) => return Some(problem),
         };
         pending.extend_from_slice(&chunk[..n]);
+        if n == chunk.len() && chunk.len() < MAX_READ {
+            chunk.resize(chunk.len() * 2, 0);
+        }
         let messages = match drain_frames(&mut pending) {
             Ok(messages) => messages,
             Err(problem) => return Some(problem),
@@ -257,7 +264,7 @@ fn drain_frames(pending: &mut Vec<u8>) -> Result<Vec<WorkerMessage>, String> {
             break;
         }
         let body = &pending[at + 4..at + 4 + len];
-        let message = serde_json::from_slice(body).map_err(|e| {
+        let message = corral_proto::channel::decode_worker_message(body).map_err(|e| {
             let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
             format!("it sent a frame that is not a worker message ({e}): {shown:?}")
         })?;

@@ -275,3 +275,112 @@ pub enum MasterMessage {
         message: String,
     },
 }
+
+/// Decodes a worker's frame body. Shared-state calls, by far the most frequent frames, are read
+/// straight into their fields; everything else, and anything malformed, the general way (which
+/// gives the error).
+pub fn decode_worker_message(body: &[u8]) -> Result<WorkerMessage, serde_json::Error> {
+    if let Ok(StateCallFrame { id, call, .. }) = serde_json::from_slice(body) {
+        return Ok(WorkerMessage::State { id, call });
+    }
+    serde_json::from_slice(body)
+}
+
+/// Decodes a master's frame body, the answers to shared-state calls first as
+/// [`decode_worker_message`] does for the calls.
+pub fn decode_master_message(body: &[u8]) -> Result<MasterMessage, serde_json::Error> {
+    if let Ok(StateAnswerFrame { id, ok, error, .. }) = serde_json::from_slice(body) {
+        return Ok(MasterMessage::State { id, ok, error });
+    }
+    serde_json::from_slice(body)
+}
+
+/// The `"type": "state"` of a frame, as a field of its own: any other type is an error.
+struct StateTag;
+
+impl<'de> Deserialize<'de> for StateTag {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<StateTag, D::Error> {
+        let tag = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        if tag == "state" {
+            Ok(StateTag)
+        } else {
+            Err(serde::de::Error::custom("not a state frame"))
+        }
+    }
+}
+
+/// [`WorkerMessage::State`] as a plain struct: read without buffering the frame first, as the
+/// tagged enum must.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateCallFrame {
+    #[serde(rename = "type")]
+    _tag: StateTag,
+    id: u64,
+    call: StateCall,
+}
+
+/// [`MasterMessage::State`] as a plain struct.
+#[derive(Deserialize)]
+struct StateAnswerFrame {
+    #[serde(rename = "type")]
+    _tag: StateTag,
+    id: u64,
+    #[serde(default)]
+    ok: Option<serde_json::Value>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quick_decoders_read_what_the_general_ones_read() {
+        let worker = [
+            r#"{"type":"state","id":7,"call":{"op":"get","key":"k"}}"#,
+            r#"{"call":{"key":"k","op":"incr"},"id":8,"type":"state"}"#,
+            r#"{"type":"state","id":9,"call":{"op":"set","key":"k","value":"v","ttl_ms":5}}"#,
+            r#"{"type":"ready"}"#,
+            r#"{"type":"send","id":1,"to":"agent","data":{"state":1}}"#,
+        ];
+        for text in worker {
+            let general: WorkerMessage = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                decode_worker_message(text.as_bytes()).unwrap(),
+                general,
+                "{text}"
+            );
+        }
+        let refused = [
+            r#"{"type":"state","id":7,"call":{"op":"get","key":"k"},"extra":1}"#,
+            r#"{"type":"state","id":7}"#,
+            r#"{"type":"format_disk"}"#,
+            r#"{"type":"state","id":-1,"call":{"op":"get","key":"k"}}"#,
+        ];
+        for text in refused {
+            assert!(
+                serde_json::from_str::<WorkerMessage>(text).is_err(),
+                "{text}"
+            );
+            assert!(decode_worker_message(text.as_bytes()).is_err(), "{text}");
+        }
+        let master = [
+            r#"{"type":"state","id":7,"ok":"v"}"#,
+            r#"{"type":"state","id":7,"ok":null}"#,
+            r#"{"type":"state","id":7,"error":"no"}"#,
+            r#"{"ok":3,"id":7,"type":"state","later":"field"}"#,
+            r#"{"type":"reply","id":7,"data":{"delivered":1}}"#,
+            r#"{"type":"published","pattern":"a.*","channel":"a.b","message":"m"}"#,
+        ];
+        for text in master {
+            let general: MasterMessage = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                decode_master_message(text.as_bytes()).unwrap(),
+                general,
+                "{text}"
+            );
+        }
+    }
+}

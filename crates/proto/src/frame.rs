@@ -35,17 +35,30 @@ pub enum FrameError {
 
 /// Serializes `message` into one frame, length prefix included.
 pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
-    let mut bytes = vec![0; 4];
-    serde_json::to_writer(&mut bytes, message).map_err(FrameError::Malformed)?;
-    let len = bytes.len() - 4;
+    let mut bytes = Vec::new();
+    append(&mut bytes, message)?;
+    Ok(bytes)
+}
+
+/// Appends `message` to `bytes` as one frame, length prefix included; on an error `bytes` is as
+/// it was.
+pub fn append<T: Serialize>(bytes: &mut Vec<u8>, message: &T) -> Result<(), FrameError> {
+    let start = bytes.len();
+    bytes.extend_from_slice(&[0; 4]);
+    if let Err(e) = serde_json::to_writer(&mut *bytes, message) {
+        bytes.truncate(start);
+        return Err(FrameError::Malformed(e));
+    }
+    let len = bytes.len() - start - 4;
     if len > MAX_FRAME_LEN as usize {
+        bytes.truncate(start);
         return Err(FrameError::TooLarge {
             len: len as u64,
             max: MAX_FRAME_LEN,
         });
     }
-    bytes[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(bytes)
+    bytes[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
 }
 
 /// Checks an announced frame length against the limit.

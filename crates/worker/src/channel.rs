@@ -545,7 +545,8 @@ impl Frames {
                 break;
             }
             // Messages of later versions are skipped.
-            if let Ok(message) = serde_json::from_slice(&self.pending[at + 4..at + 4 + len]) {
+            let body = &self.pending[at + 4..at + 4 + len];
+            if let Ok(message) = corral_proto::channel::decode_master_message(body) {
                 channel.handle(message, &mut self.fds);
             }
             at += 4 + len;

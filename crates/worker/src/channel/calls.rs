@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
@@ -92,7 +93,28 @@ pub(crate) enum Kind {
 pub(crate) struct Pending {
     /// The channel closed: no call will be answered.
     closed: bool,
-    calls: HashMap<u64, Waiting>,
+    calls: HashMap<u64, Waiting, BuildHasherDefault<Numbers>>,
+}
+
+/// Hashes call numbers, which are ours and consecutive: a multiplication spreads them, and no
+/// one can choose them to collide.
+#[derive(Debug, Default)]
+struct Numbers(u64);
+
+impl Hasher for Numbers {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 << 8 | u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 #[derive(Debug)]
