@@ -56,6 +56,8 @@ RELOAD_BUDGET = 200.0  # no reload is started this many seconds after the reload
 WORKERS = 2
 
 CORRAL, NODE, PM2 = "corral", "node", "pm2"
+# With --shared: the workers accept on the one listening socket themselves (Node's SCHED_NONE).
+CORRAL_SHARED, NODE_NONE = "corral-shared", "node-none"
 
 
 # ---------------------------------------------------------------- processes
@@ -209,13 +211,16 @@ class CorralSetup(DaemonSetup, CorralHome):
     label = "corral"
     pid_file = "daemon.pid"
 
-    def __init__(self, corral: Path, home: Path) -> None:
+    def __init__(self, corral: Path, home: Path, shared: bool = False) -> None:
         super().__init__(corral, home, bench_env())
+        self.shared = shared
+        if shared:
+            self.key, self.label = CORRAL_SHARED, "corral --lb shared"
 
     def start(self) -> None:
         self.start_daemon()
         self.cli("start", str(HELLO), "--name", "hello", "-i", str(WORKERS),
-                 "--env", f"PORT={self.port}")
+                 "--env", f"PORT={self.port}", *(["--lb", "shared"] if self.shared else []))
         wait_answers(hello_js_pid, self.port, self.label, self.wait_online())
 
     def workers(self) -> set[int]:
@@ -257,8 +262,11 @@ class NodeSetup(Setup):
     key = NODE
     label = "Node's primary"
 
-    def __init__(self, work: Path) -> None:
-        self.err_path = work / "node-primary.err"
+    def __init__(self, work: Path, sched_none: bool = False) -> None:
+        self.sched_none = sched_none
+        if sched_none:
+            self.key, self.label = NODE_NONE, "Node's primary, SCHED_NONE"
+        self.err_path = work / f"{self.key}-primary.err"
         self.proc: subprocess.Popen | None = None
         self.buf = b""
         self.current: set[int] = set()
@@ -270,6 +278,8 @@ class NodeSetup(Setup):
         env = bench_env()
         env["PORT"] = str(self.port)
         env["WORKERS"] = str(WORKERS)
+        if self.sched_none:
+            env["NODE_CLUSTER_SCHED_POLICY"] = "none"
         with open(self.err_path, "wb") as err:
             self.proc = CHILDREN.popen(["node", str(NODE_PRIMARY), str(HELLO)], env=env,
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -644,6 +654,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-build", action="store_true",
                     help="use target/release/corral as it is")
     ap.add_argument("--corral", type=Path, help="corral binary (implies no build)")
+    ap.add_argument("--shared", action="store_true",
+                    help="also measure the workers accepting on the shared socket themselves: "
+                         "corral --lb shared and Node's primary with SCHED_NONE")
     add_pm2_options(ap)
     add_output_options(ap)
     ap.add_argument("--keep-temp", action="store_true",
@@ -688,6 +701,9 @@ def main(argv: list[str]) -> int:
 
         setups = [CorralSetup(corral_bin, work / "corral-home"), NodeSetup(work),
                   Pm2Setup(pm2_bin, work / "pm2-home")]
+        if cfg.shared:
+            setups += [CorralSetup(corral_bin, work / "corral-shared-home", shared=True),
+                       NodeSetup(work, sched_none=True)]
         # All three run at once (idle when not measured), so that the runs can go round.
         for s in setups:
             s.start()
