@@ -267,6 +267,87 @@ fn saved_state_outlives_the_daemon() {
     home.ok(&["delete", "all"]);
 }
 
+/// A worker that floods the master with state calls on its raw channel and never reads an answer:
+/// it stores a 100 KB value, then asks for it 100 calls a write, up to 20,000 calls (2 GB of
+/// answers). Its writes time out after 2 s once the master stops reading it: then it prints
+/// `held back after <n> calls`; if they never do, `never held back`.
+const STATE_FLOOD_PY: &str = r#"
+import json, os, socket, struct, time
+
+channel = socket.socket(fileno=int(os.environ["CORRAL_CHANNEL_FD"]))
+channel.settimeout(2)
+
+def frame(message):
+    body = json.dumps(message).encode()
+    return struct.pack(">I", len(body)) + body
+
+channel.sendall(frame({"type": "state", "id": 0,
+                       "call": {"op": "set", "key": "big", "value": "x" * 100000}}))
+sent = 0
+while sent < 20000:
+    calls = b"".join(frame({"type": "state", "id": sent + 1 + i,
+                            "call": {"op": "get", "key": "big"}}) for i in range(100))
+    try:
+        channel.sendall(calls)
+    except socket.timeout:
+        print(f"held back after {sent} calls", flush=True)
+        break
+    sent += 100
+else:
+    print(f"never held back: {sent} calls sent", flush=True)
+while True:
+    time.sleep(3600)
+"#;
+
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("a VmRSS line");
+    line.split_whitespace()
+        .nth(1)
+        .expect("a number")
+        .parse()
+        .expect("KiB")
+}
+
+#[test]
+fn a_worker_flooding_the_state_without_reading_is_held_back_and_harms_no_one() {
+    let home = Home::new();
+    let flood = home.file("flood.py", STATE_FLOOD_PY);
+    home.ok(&["start", arg(&flood), "-n", "flood", "--no-autorestart"]);
+    let log = home.wait_log("flood", 0, "out", "held back after");
+    let daemon = home.daemon_pid().expect("the daemon's pid");
+    // Held: 256 calls of 100 KB answers at most, 8 MiB unread, the socket buffers: about 40 MiB
+    // in all (without the limits the daemon passes 170 MiB here, and goes on growing).
+    let rss = rss_kib(daemon);
+    assert!(
+        rss < 64 * 1024,
+        "the daemon holds {rss} KiB; the flooder says {log}"
+    );
+    // Meanwhile the others are served as usual.
+    assert_eq!(state(&home, &["incr", "calm"]), "1");
+    start_rust(
+        &home,
+        "calm",
+        &[
+            ("STATE_MODE", "count"),
+            ("STATE_KEY", "calm"),
+            ("STATE_INCRS", "1000"),
+        ],
+        &[],
+    );
+    home.wait_log("calm", 0, "out", "counted 1000");
+    assert_eq!(state(&home, &["get", "calm"]), "1001");
+    home.assert_daemon_answers();
+    // Its answers go with it.
+    home.ok(&["delete", "flood"]);
+    assert_eq!(state(&home, &["get", "big"]).len(), 100_000);
+    home.ok(&["delete", "all"]);
+}
+
 // ---- the agent and the bus ----
 
 #[test]

@@ -54,6 +54,11 @@ pub struct Conduit {
     codec: Codec,
     stream: UnixStream,
     state: Mutex<ConduitState>,
+    /// Told when the worker took some of what waited for it, or its channel closed.
+    room: Notify,
+    /// Taken by whoever waits for room to write a large answer, one at a time, so that the
+    /// writers woken together do not all write at once.
+    turn: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +119,8 @@ impl Conduit {
             codec,
             stream,
             state: Mutex::default(),
+            room: Notify::new(),
+            turn: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -140,7 +147,37 @@ impl Conduit {
     /// in reading its channel it is.
     pub fn backlog(&self) -> usize {
         let state = self.state();
-        state.unsent.len() + state.queue.len()
+        let queued: usize = state
+            .queue
+            .iter()
+            .map(|next| match next {
+                Outgoing::Line(line)
+                | Outgoing::Connection { line, .. }
+                | Outgoing::Handle { line, .. } => line.len(),
+            })
+            .sum();
+        state.unsent.len() + queued
+    }
+
+    /// Returns once at most `limit` bytes wait for the worker (or its channel closed).
+    pub async fn room_for(&self, limit: usize) {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.is_closed() || self.backlog() <= limit {
+                return;
+            }
+            room.await;
+        }
+    }
+
+    /// [`room_for`](Self::room_for), for writers that take turns: held, the turn keeps the
+    /// others waiting.
+    pub async fn turn_with_room(&self, limit: usize) -> tokio::sync::MutexGuard<'_, ()> {
+        let turn = self.turn.lock().await;
+        self.room_for(limit).await;
+        turn
     }
 
     /// Whether the channel is closed.
@@ -264,6 +301,7 @@ impl Conduit {
                 return;
             }
             let mut next = state.queue.pop_front().expect("looked at above");
+            self.room.notify_waiters();
             if let Outgoing::Line(line) = &mut next {
                 // Lines waiting together go in one write.
                 while line.len() < COALESCE_LINES_UP_TO
@@ -385,6 +423,7 @@ impl Conduit {
             match written {
                 Ok(n) => {
                     state.unsent.drain(..n);
+                    self.room.notify_waiters();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => {
@@ -459,6 +498,7 @@ impl Conduit {
             state.in_flight.clear();
             state.given.drain().map(|(_, c)| c).collect()
         };
+        self.room.notify_waiters();
         if !unaccepted.is_empty() {
             self.give_back(unaccepted);
         }

@@ -10,8 +10,9 @@
 //! Nothing here goes through the supervisor: the channel readers call in directly, so a worker
 //! busy with the state costs the supervisor nothing. A worker cannot flood the master: each has
 //! at most [`MAX_CALLS_IN_FLIGHT`] state calls running (its reader waits for a free slot, which
-//! stops reading its channel), and messages to a member that does not read its channel are
-//! refused once [`MAX_BACKLOG`] bytes wait for it.
+//! stops reading its channel); once [`MAX_BACKLOG`] bytes wait for a member that does not read
+//! its channel, its answers wait their turn (holding their slots), its reader stops, and
+//! messages and publications to it are refused.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -25,8 +26,9 @@ use tokio::sync::{OnceCell, Semaphore, oneshot};
 
 use crate::balance::{Codec, Conduit};
 
-/// State calls one member may have running at once.
-pub const MAX_CALLS_IN_FLIGHT: usize = 1024;
+/// State calls one member may have running at once (their answers, up to 512 KiB each, are
+/// what a worker that does not read its channel can make the master hold).
+pub const MAX_CALLS_IN_FLIGHT: usize = 256;
 /// Bytes waiting for a member beyond which messages and publications to it are refused.
 pub const MAX_BACKLOG: usize = 8 * 1024 * 1024;
 /// The longest a request may wait for its answer.
@@ -473,8 +475,11 @@ impl Bus {
         let bus = self.arc();
         tokio::spawn(async move {
             let answers = bus.call_many(pid, &backend, calls).await;
+            // A worker that does not read its answers gets no more than MAX_BACKLOG waiting;
+            // the calls holding their slots meanwhile stop its reader (back-pressure).
+            let turn = conduit.turn_with_room(MAX_BACKLOG).await;
             deliver_all(&conduit, &answers);
-            drop(permit);
+            drop((turn, permit));
         });
     }
 

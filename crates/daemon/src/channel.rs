@@ -74,6 +74,8 @@ async fn read_until_closed(
     // the master reads the next (larger reads measured slower).
     let mut chunk = vec![0u8; 4096];
     loop {
+        // A worker that does not read what the master writes to it is not read either.
+        conduit.room_for(crate::bus::MAX_BACKLOG).await;
         let n = match receive(stream, &mut chunk).await {
             Ok(None) => return None,
             Ok(Some((_, fds))) if fds > 0 => {
@@ -157,6 +159,7 @@ async fn read_node_until_closed(
     let mut handles = 0usize;
     let mut chunk = vec![0u8; 4096];
     loop {
+        conduit.room_for(crate::bus::MAX_BACKLOG).await;
         // Descriptors a worker sends (`process.send(msg, socket)`) are counted, not kept.
         let n = match receive(stream, &mut chunk).await {
             Ok(None) => return None,
