@@ -191,6 +191,12 @@ impl Conduit {
         state.given.len() + state.open
     }
 
+    /// Connections handed over and not yet acknowledged: how far behind in taking them the
+    /// worker is.
+    fn unacknowledged(&self) -> usize {
+        self.state().given.len()
+    }
+
     /// Sends a corral message (no descriptors); queued behind anything unsent.
     pub fn send(self: &Arc<Self>, message: &MasterMessage) {
         if let Ok(frame) = corral_proto::frame::encode(message) {
@@ -604,6 +610,15 @@ impl Balancer {
             (0..count)
                 .map(|k| (start + k) % count)
                 .min_by_key(|&n| workers[n].load())
+                .unwrap_or(start)
+        } else if self.key.is_some() {
+            // Node workers: round robin among those that have taken every connection given so
+            // far, as Node's own primary gives only to a worker that acknowledged its last one. A
+            // worker that stalls (a long request, garbage collection) is passed over instead of
+            // having connections pile up behind it while the others wait.
+            (0..count)
+                .map(|k| (start + k) % count)
+                .min_by_key(|&n| workers[n].unacknowledged())
                 .unwrap_or(start)
         } else {
             start
