@@ -33,8 +33,8 @@ fn node() -> String {
 /// A Node program using `corral.js`, its behaviour chosen by `MODE`:
 /// - `count`: `N` concurrent `incr('counter')`, then `counted N last=<max>`;
 /// - `subscribe`: subscribes to `PATTERN`, says `subscribed`, then `got <channel> <message>`;
-/// - `ask`: asks the agent, prints `answer <json>` or `error <text>`, then sends to an unknown
-///   worker and prints what it was told.
+/// - `ask`: asks the agent, prints `answer <json>` or `error <text>`; asks `all`, prints `all
+///   <json>`; then sends to an unknown worker and prints what it was told.
 const NODE_JS: &str = r"
 const corral = require(process.env.CORRAL_JS);
 const mode = process.env.MODE;
@@ -57,6 +57,8 @@ const mode = process.env.MODE;
     } catch (e) {
       console.log(`error ${e.message}`);
     }
+    const everyone = await corral.request('all', { q: corral.id }, { timeoutMs: 5000 });
+    console.log(`all ${JSON.stringify(everyone)}`);
     try {
       await corral.send('worker:99999', { hello: 1 });
       console.log('unknown: delivered?');
@@ -423,8 +425,46 @@ fn the_agent_starts_first_answers_requests_and_stops_last() {
         serde_json::json!({"ping": true}),
         "{answer}"
     );
-    let many = home.fails(&["send", "web", "{}", "--reply"]);
-    assert!(many.contains("one process"), "{many}");
+    // A request to several is answered by each, together: the agent echoes, the workers have
+    // no handler (corral.js answers that with an error at once).
+    let many: Value =
+        serde_json::from_str(&home.ok(&["send", "web", r#"{"n": 1}"#, "--reply"])).expect("JSON");
+    let many = many.as_array().expect("an array of answers");
+    let from: Vec<&str> = many.iter().map(|a| a["from"].as_str().unwrap()).collect();
+    let mut ids: Vec<u64> = instances
+        .iter()
+        .map(|i| i["id"].as_u64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let expected: Vec<String> = ids.iter().map(|id| format!("worker:{id}")).collect();
+    assert_eq!(from, expected, "{many:?}");
+    for answer in many {
+        if answer["from"] == format!("worker:{agent_id}") {
+            assert_eq!(
+                answer["data"]["echo"],
+                serde_json::json!({"n": 1}),
+                "{answer}"
+            );
+        } else {
+            assert!(answer["error"].is_string(), "{answer}");
+        }
+    }
+    // And from a worker: `all` is everyone but the sender, the agent among them.
+    for i in 0..2 {
+        let log = home.wait_log("web", i, "out", "all ");
+        let line = log
+            .lines()
+            .find_map(|l| l.strip_prefix("all "))
+            .expect("the line");
+        let everyone: Value = serde_json::from_str(line).expect("JSON");
+        let agent_said = everyone
+            .as_array()
+            .expect("an array")
+            .iter()
+            .find(|a| a["from"] == format!("worker:{agent_id}"))
+            .unwrap_or_else(|| panic!("the agent is among them: {everyone}"));
+        assert_eq!(agent_said["data"]["by"], agent_id, "{everyone}");
+    }
     // Stopped last: the agent still answers while the workers go, and it is the last to exit.
     home.ok(&["stop", "web"]);
     let log = daemon_log(&home);

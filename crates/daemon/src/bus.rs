@@ -104,6 +104,21 @@ enum Origin {
     Member { pid: u32, id: u64 },
     /// `corral send --reply`.
     Cli(oneshot::Sender<Response>),
+    /// Answer `index` of a request to several processes.
+    Part {
+        gather: Arc<Mutex<Gather>>,
+        index: usize,
+    },
+}
+
+/// The answers to a request sent to several processes, given together once each has answered,
+/// failed or timed out: `[{"from": "worker:<id>", "data": ...} or {..., "error": ...}]`.
+#[derive(Debug)]
+struct Gather {
+    /// Who asked; taken when the last answer is in.
+    origin: Option<Origin>,
+    answers: Vec<Value>,
+    missing: usize,
 }
 
 /// Who a process is, for the bus.
@@ -318,13 +333,14 @@ impl Bus {
         let conduit = sender.conduit.clone();
         let from = format!("worker:{}", sender.id);
         let result = route(&inner, pid, to).and_then(|recipients| {
+            if request && recipients.len() > 1 {
+                let origin = Origin::Member { pid, id };
+                self.ask_all(&mut inner, &recipients, data, &from, timeout_ms, origin);
+                return Ok(None);
+            }
             if request {
-                let [(recipient, label)] = recipients.as_slice() else {
-                    return Err(format!(
-                        "a request goes to one process ('agent' or 'worker:<id>'); '{to}' \
-                         reaches {}: send it without waiting for an answer, or name one",
-                        recipients.len()
-                    ));
+                let Some((recipient, label)) = recipients.first() else {
+                    return Err(format!("'{to}' reaches no process"));
                 };
                 inner.next_request += 1;
                 let n = inner.next_request;
@@ -383,44 +399,114 @@ impl Bus {
         }
     }
 
-    /// `corral send --reply`: a request to the process `pid`, answered on `respond`.
+    /// `corral send --reply`: a request to the processes `pids`, answered on `respond`: with the
+    /// answer of the one, or the answers of several together.
     pub fn request_from_cli(
         &self,
-        pid: u32,
+        pids: &[u32],
         data: Value,
         timeout_ms: Option<u64>,
         respond: oneshot::Sender<Response>,
     ) {
         let mut inner = lock(&self.inner);
-        let Some(member) = inner.members.get(&pid) else {
-            let _ = respond.send(Response::error(
-                ErrorKind::UnknownTarget,
-                "that instance has no open channel (it is not running)",
-            ));
-            return;
-        };
-        let conduit = member.conduit.clone();
-        let label = format!("worker:{}", member.id);
-        inner.next_request += 1;
-        let n = inner.next_request;
-        inner.pending.insert(
-            n,
-            Pending {
-                recipient: pid,
-                label,
-                origin: Origin::Cli(respond),
-            },
-        );
-        drop(inner);
-        deliver(
-            &conduit,
-            &MasterMessage::Message {
-                data,
-                from: Some("cli".into()),
-                request: Some(n),
-            },
-        );
-        self.expire_after(n, timeout_ms);
+        let mut recipients: Vec<(u32, u32, String)> = pids
+            .iter()
+            .filter_map(|pid| {
+                let member = inner.members.get(pid)?;
+                Some((member.id, *pid, format!("worker:{}", member.id)))
+            })
+            .collect();
+        recipients.sort_unstable();
+        let recipients: Vec<(u32, String)> = recipients
+            .into_iter()
+            .map(|(_, pid, label)| (pid, label))
+            .collect();
+        match recipients.as_slice() {
+            [] => {
+                let _ = respond.send(Response::error(
+                    ErrorKind::UnknownTarget,
+                    "no process of that target has an open channel (none is running)",
+                ));
+            }
+            [(pid, label)] => {
+                let conduit = inner.members[pid].conduit.clone();
+                inner.next_request += 1;
+                let n = inner.next_request;
+                inner.pending.insert(
+                    n,
+                    Pending {
+                        recipient: *pid,
+                        label: label.clone(),
+                        origin: Origin::Cli(respond),
+                    },
+                );
+                drop(inner);
+                deliver(
+                    &conduit,
+                    &MasterMessage::Message {
+                        data,
+                        from: Some("cli".into()),
+                        request: Some(n),
+                    },
+                );
+                self.expire_after(n, timeout_ms);
+            }
+            _ => {
+                let origin = Origin::Cli(respond);
+                self.ask_all(&mut inner, &recipients, &data, "cli", timeout_ms, origin);
+            }
+        }
+    }
+
+    /// Sends request `data` to every one of `recipients`; their answers go to `origin` together.
+    fn ask_all(
+        &self,
+        inner: &mut Inner,
+        recipients: &[(u32, String)],
+        data: &Value,
+        from: &str,
+        timeout_ms: Option<u64>,
+        origin: Origin,
+    ) {
+        let gather = Arc::new(Mutex::new(Gather {
+            origin: Some(origin),
+            answers: recipients
+                .iter()
+                .map(|(_, label)| json!({ "from": label }))
+                .collect(),
+            missing: recipients.len(),
+        }));
+        for (index, (recipient, label)) in recipients.iter().enumerate() {
+            let part = Origin::Part {
+                gather: gather.clone(),
+                index,
+            };
+            let target = inner.members[recipient].conduit.clone();
+            if target.backlog() > MAX_BACKLOG {
+                let why = format!("{label} is not reading its channel; try again later");
+                answer(inner, part, Err(why));
+                continue;
+            }
+            inner.next_request += 1;
+            let n = inner.next_request;
+            inner.pending.insert(
+                n,
+                Pending {
+                    recipient: *recipient,
+                    label: label.clone(),
+                    origin: part,
+                },
+            );
+            deliver(
+                &target,
+                &MasterMessage::Message {
+                    data: data.clone(),
+                    from: Some(from.to_string()),
+                    request: Some(n),
+                },
+            );
+            self.expire_after(n, timeout_ms);
+        }
     }
 
     fn expire_after(&self, n: u64, timeout_ms: Option<u64>) {
@@ -712,6 +798,26 @@ async fn pipeline(store: &Store, run: Vec<(u64, Op)>, answers: &mut Vec<MasterMe
 /// Gives an answer to whoever waits for it.
 fn answer(inner: &Inner, origin: Origin, result: Result<Value, String>) {
     match origin {
+        Origin::Part { gather, index } => {
+            let done = {
+                let mut gather = lock(&gather);
+                let slot = &mut gather.answers[index];
+                match result {
+                    Ok(data) => slot["data"] = data,
+                    Err(error) => slot["error"] = Value::String(error),
+                }
+                gather.missing -= 1;
+                if gather.missing == 0 {
+                    let answers = std::mem::take(&mut gather.answers);
+                    gather.origin.take().map(|origin| (origin, answers))
+                } else {
+                    None
+                }
+            };
+            if let Some((origin, answers)) = done {
+                answer(inner, origin, Ok(Value::Array(answers)));
+            }
+        }
         Origin::Member { pid, id } => {
             if let Some(member) = inner.members.get(&pid) {
                 deliver(&member.conduit, &reply(id, result));
@@ -763,12 +869,12 @@ fn route(inner: &Inner, pid: u32, to: &str) -> Result<Vec<(u32, String)>, String
             Target::All => "no other process is running".to_string(),
         });
     }
-    let mut recipients: Vec<(u32, String)> = newest
-        .into_iter()
-        .map(|(id, (p, _))| (p, format!("worker:{id}")))
-        .collect();
+    let mut recipients: Vec<(u32, u32)> = newest.into_iter().map(|(id, (p, _))| (id, p)).collect();
     recipients.sort_unstable();
-    Ok(recipients)
+    Ok(recipients
+        .into_iter()
+        .map(|(id, p)| (p, format!("worker:{id}")))
+        .collect())
 }
 
 /// Reads a store's events until it closes: publications to their subscribers, the rest to the

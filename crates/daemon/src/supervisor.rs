@@ -584,18 +584,7 @@ impl Supervisor {
                         .iter()
                         .filter_map(|&id| self.instance_mut(id)?.process.as_ref().map(|p| p.pid))
                         .collect();
-                    let [pid] = pids.as_slice() else {
-                        let _ = reply.send(error(
-                            ErrorKind::UnknownTarget,
-                            format!(
-                                "--reply waits for one process; {} of {target} are running: \
-                                 name one by its id (`corral ls`)",
-                                pids.len()
-                            ),
-                        ));
-                        return;
-                    };
-                    self.bus.request_from_cli(*pid, data, timeout_ms, reply);
+                    self.bus.request_from_cli(&pids, data, timeout_ms, reply);
                     return;
                 }
                 Err(response) => response,

@@ -60,7 +60,8 @@ pub enum WorkerMessage {
         to: String,
         /// Any JSON.
         data: serde_json::Value,
-        /// Wait for the recipient's [`WorkerMessage::Reply`] (one recipient only).
+        /// Wait for the recipient's [`WorkerMessage::Reply`]; a target that reaches several
+        /// processes is answered with all their answers together (see `docs/protocol.md`).
         #[serde(default)]
         request: bool,
         /// With `request`: how long to wait, in milliseconds ([`DEFAULT_REQUEST_TIMEOUT_MS`]).

@@ -31,7 +31,9 @@ pub struct Bus {
 
 /// The bus: JSON messages between the workers and agents corral runs, sent to a target:
 /// `agent` (the app's agent), `workers` (the app's other workers), `worker:<id>`, `app:<name>`
-/// or `all`. A message can be a request, which one recipient answers.
+/// or `all`. A message can be a request: the recipient's answer, or for a target that reaches
+/// several processes an array of `{"from": "worker:<id>", "data": ...}` (or `"error"`), one
+/// per process, once each has answered or timed out.
 ///
 /// Plain messages to this worker come through [`crate::next_message`] (or
 /// [`crate::message`]); requests through [`Bus::next_request`]. The calls block the calling
@@ -68,8 +70,9 @@ impl Bus {
         decode::delivered(calls::single(channel.wait(&batch, deadline)))
     }
 
-    /// Sends `data` to one recipient, `to` (`agent` or `worker:<id>`), and waits at most
-    /// `timeout` for its answer (corral allows 10 minutes at most). An answer given as an error,
+    /// Sends request `data` to `to` and waits at most `timeout` for its answer (corral allows
+    /// 10 minutes at most); to several processes (`workers`, `app:<name>`, `all`), the array of
+    /// their answers. An answer given as an error,
     /// no recipient, or no answer in time is [`CallError::Failed`] with corral's reason;
     /// [`CallError::Timeout`] when not even that came a second later.
     pub fn request(&self, to: &str, data: Value, timeout: Duration) -> Result<Value, CallError> {

@@ -423,8 +423,8 @@ impl Bus {
         decode::delivered(calls::single(answers.await))
     }
 
-    /// Sends `data` to one recipient, `to` (`agent` or `worker:<id>`), and waits at most
-    /// `timeout` for its answer: see [`crate::Bus::request`].
+    /// Sends request `data` to `to` and waits at most `timeout` for its answer (or answers): see
+    /// [`crate::Bus::request`].
     pub async fn request(
         &self,
         to: &str,
