@@ -484,6 +484,124 @@ fn the_agent_starts_first_answers_requests_and_stops_last() {
     home.ok(&["delete", "all"]);
 }
 
+/// Speaks corral's channel in Python. As the agent (`CORRAL_ROLE=agent`) it says ready only once
+/// it gets a message (the test's `corral send`), printing `agent <pid> waiting` then `agent <pid>
+/// ready`; as a worker it says ready at once and prints `worker <pid> up`. Both then read their
+/// channel until it closes.
+const CHANNEL_PY: &str = r#"
+import json, os, socket, struct
+
+channel = socket.socket(fileno=int(os.environ["CORRAL_CHANNEL_FD"]))
+
+def send(message):
+    body = json.dumps(message).encode()
+    channel.sendall(struct.pack(">I", len(body)) + body)
+
+def exactly(n):
+    data = b""
+    while len(data) < n:
+        more = channel.recv(n - len(data))
+        if not more:
+            raise SystemExit(0)
+        data += more
+    return data
+
+def receive():
+    return json.loads(exactly(struct.unpack(">I", exactly(4))[0]))
+
+role = os.environ["CORRAL_ROLE"]
+if role == "agent":
+    print(f"agent {os.getpid()} waiting", flush=True)
+    while receive().get("type") != "message":
+        pass
+    send({"type": "ready"})
+    print(f"agent {os.getpid()} ready", flush=True)
+else:
+    send({"type": "ready"})
+    print(f"worker {os.getpid()} up", flush=True)
+while True:
+    receive()
+"#;
+
+#[test]
+fn workers_that_crash_while_the_agent_is_down_wait_for_it_to_be_back() {
+    let home = Home::new();
+    let worker = home.file("worker.py", CHANNEL_PY);
+    let agent = home.file("agent.py", CHANNEL_PY);
+    home.ok(&[
+        "start",
+        arg(&worker),
+        "-n",
+        "app",
+        "-i",
+        "2",
+        "--agent",
+        arg(&agent),
+        "--wait-ready",
+    ]);
+    wait_agent_log(&home, "app", "waiting");
+    let agent_id = || {
+        home.instances("app")
+            .iter()
+            .find(|i| i["role"] == "agent")
+            .and_then(|i| i["id"].as_u64())
+            .expect("the agent's id")
+            .to_string()
+    };
+    home.ok(&["send", &agent_id(), r#""go""#]);
+    let before = home.wait_online("app", 3);
+    let pid_of = |instances: &[Value], agent: bool| -> Vec<u32> {
+        instances
+            .iter()
+            .filter(|i| (i["role"] == "agent") == agent)
+            .filter_map(pid)
+            .collect()
+    };
+    let (old_agent, old_workers) = (pid_of(&before, true), pid_of(&before, false));
+    assert_eq!(
+        (old_agent.len(), old_workers.len()),
+        (1, 2),
+        "{}",
+        show(&before)
+    );
+    // The agent dies; its next process waits for the test's go.
+    corral_sys::kill(old_agent[0], 9).expect("kill the agent");
+    let log = wait_agent_log(&home, "app", "waiting");
+    wait_until(Duration::from_secs(20), "the agent's new process", || {
+        let text = agent_log(&home, "app", "out");
+        if text.matches("waiting").count() >= 2 {
+            Ok(())
+        } else {
+            Err(log.clone())
+        }
+    });
+    // Now the workers die too: they are held until their agent is back.
+    for &worker in &old_workers {
+        corral_sys::kill(worker, 9).expect("kill a worker");
+    }
+    let held = wait_until(Duration::from_secs(20), "both workers held", || {
+        let now = home.instances("app");
+        let held = now
+            .iter()
+            .filter(|i| i["role"] != "agent")
+            .all(|i| status(i) == "starting" && pid(i).is_none());
+        if held { Ok(now) } else { Err(show(&now)) }
+    });
+    assert!(
+        held.iter()
+            .any(|i| i["role"] == "agent" && status(i) == "starting"),
+        "{}",
+        show(&held)
+    );
+    // The agent is ready again: the workers follow.
+    home.ok(&["send", &agent_id(), r#""go""#]);
+    let after = home.wait_online("app", 3);
+    for pid in pid_of(&after, false) {
+        assert!(!old_workers.contains(&pid), "{}", show(&after));
+    }
+    home.ok(&["delete", "all"]);
+}
+
 fn daemon_log(home: &Home) -> String {
     std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default()
 }

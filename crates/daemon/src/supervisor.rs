@@ -445,7 +445,7 @@ impl Supervisor {
                     && inst.want_running
                     && inst.status == Status::BackingOff
                 {
-                    self.spawn(id);
+                    self.respawn(id);
                 }
             }
             Event::KillTimer { id, pid } => self.kill_timer(id, pid),
@@ -877,6 +877,28 @@ impl Supervisor {
             self.spawn(id);
         }
         id
+    }
+
+    /// Restarts instance `id` after its exit. A worker whose app's agent is itself on its way
+    /// back waits for it, as at the app's start: the agent is restarted first.
+    fn respawn(&mut self, id: u32) {
+        let Some((a, i)) = self.locate(id) else {
+            return;
+        };
+        let app = &mut self.apps[a];
+        let agent_coming = !app.instances[i].agent
+            && app.instances.iter().any(|other| {
+                other.agent
+                    && other.want_running
+                    && matches!(other.status, Status::Starting | Status::BackingOff)
+            });
+        if agent_coming {
+            let inst = &mut app.instances[i];
+            inst.held = true;
+            inst.status = Status::Starting;
+        } else {
+            self.spawn(id);
+        }
     }
 
     /// Starts the workers that waited for their agent, once it is ready (or will not be: then
@@ -2054,7 +2076,7 @@ impl Supervisor {
         let inst = &mut self.apps[a].instances[i];
         match decision {
             Decision::Stay => inst.status = Status::Stopped,
-            Decision::Restart { after, .. } if after.is_zero() => self.spawn(id),
+            Decision::Restart { after, .. } if after.is_zero() => self.respawn(id),
             Decision::Restart { after, .. } => {
                 inst.status = Status::BackingOff;
                 let token = inst.token;
