@@ -333,40 +333,9 @@ impl Bus {
         let conduit = sender.conduit.clone();
         let from = format!("worker:{}", sender.id);
         let result = route(&inner, pid, to).and_then(|recipients| {
-            if request && recipients.len() > 1 {
+            if request {
                 let origin = Origin::Member { pid, id };
                 self.ask_all(&mut inner, &recipients, data, &from, timeout_ms, origin);
-                return Ok(None);
-            }
-            if request {
-                let Some((recipient, label)) = recipients.first() else {
-                    return Err(format!("'{to}' reaches no process"));
-                };
-                inner.next_request += 1;
-                let n = inner.next_request;
-                let target = inner.members[recipient].conduit.clone();
-                if target.backlog() > MAX_BACKLOG {
-                    return Err(format!(
-                        "{label} is not reading its channel; try again later"
-                    ));
-                }
-                inner.pending.insert(
-                    n,
-                    Pending {
-                        recipient: *recipient,
-                        label: label.clone(),
-                        origin: Origin::Member { pid, id },
-                    },
-                );
-                deliver(
-                    &target,
-                    &MasterMessage::Message {
-                        data: data.clone(),
-                        from: Some(from.clone()),
-                        request: Some(n),
-                    },
-                );
-                self.expire_after(n, timeout_ms);
                 return Ok(None);
             }
             let message = MasterMessage::Message {
@@ -404,7 +373,7 @@ impl Bus {
     pub fn request_from_cli(
         &self,
         pids: &[u32],
-        data: Value,
+        data: &Value,
         timeout_ms: Option<u64>,
         respond: oneshot::Sender<Response>,
     ) {
@@ -421,44 +390,19 @@ impl Bus {
             .into_iter()
             .map(|(_, pid, label)| (pid, label))
             .collect();
-        match recipients.as_slice() {
-            [] => {
-                let _ = respond.send(Response::error(
-                    ErrorKind::UnknownTarget,
-                    "no process of that target has an open channel (none is running)",
-                ));
-            }
-            [(pid, label)] => {
-                let conduit = inner.members[pid].conduit.clone();
-                inner.next_request += 1;
-                let n = inner.next_request;
-                inner.pending.insert(
-                    n,
-                    Pending {
-                        recipient: *pid,
-                        label: label.clone(),
-                        origin: Origin::Cli(respond),
-                    },
-                );
-                drop(inner);
-                deliver(
-                    &conduit,
-                    &MasterMessage::Message {
-                        data,
-                        from: Some("cli".into()),
-                        request: Some(n),
-                    },
-                );
-                self.expire_after(n, timeout_ms);
-            }
-            _ => {
-                let origin = Origin::Cli(respond);
-                self.ask_all(&mut inner, &recipients, &data, "cli", timeout_ms, origin);
-            }
+        if recipients.is_empty() {
+            let _ = respond.send(Response::error(
+                ErrorKind::UnknownTarget,
+                "no process of that target has an open channel (none is running)",
+            ));
+            return;
         }
+        let origin = Origin::Cli(respond);
+        self.ask_all(&mut inner, &recipients, data, "cli", timeout_ms, origin);
     }
 
-    /// Sends request `data` to every one of `recipients`; their answers go to `origin` together.
+    /// Sends request `data` to every one of `recipients`: the answer of one goes to `origin`,
+    /// those of several go together.
     fn ask_all(
         &self,
         inner: &mut Inner,
@@ -468,6 +412,10 @@ impl Bus {
         timeout_ms: Option<u64>,
         origin: Origin,
     ) {
+        if let [recipient] = recipients {
+            self.ask(inner, recipient, data, from, timeout_ms, origin);
+            return;
+        }
         let gather = Arc::new(Mutex::new(Gather {
             origin: Some(origin),
             answers: recipients
@@ -476,37 +424,50 @@ impl Bus {
                 .collect(),
             missing: recipients.len(),
         }));
-        for (index, (recipient, label)) in recipients.iter().enumerate() {
+        for (index, recipient) in recipients.iter().enumerate() {
             let part = Origin::Part {
                 gather: gather.clone(),
                 index,
             };
-            let target = inner.members[recipient].conduit.clone();
-            if target.backlog() > MAX_BACKLOG {
-                let why = format!("{label} is not reading its channel; try again later");
-                answer(inner, part, Err(why));
-                continue;
-            }
-            inner.next_request += 1;
-            let n = inner.next_request;
-            inner.pending.insert(
-                n,
-                Pending {
-                    recipient: *recipient,
-                    label: label.clone(),
-                    origin: part,
-                },
-            );
-            deliver(
-                &target,
-                &MasterMessage::Message {
-                    data: data.clone(),
-                    from: Some(from.to_string()),
-                    request: Some(n),
-                },
-            );
-            self.expire_after(n, timeout_ms);
+            self.ask(inner, recipient, data, from, timeout_ms, part);
         }
+    }
+
+    /// Sends request `data` to `recipient`; its answer (or why there is none) goes to `origin`.
+    fn ask(
+        &self,
+        inner: &mut Inner,
+        (recipient, label): &(u32, String),
+        data: &Value,
+        from: &str,
+        timeout_ms: Option<u64>,
+        origin: Origin,
+    ) {
+        let target = inner.members[recipient].conduit.clone();
+        if target.backlog() > MAX_BACKLOG {
+            let why = format!("{label} is not reading its channel; try again later");
+            answer(inner, origin, Err(why));
+            return;
+        }
+        inner.next_request += 1;
+        let n = inner.next_request;
+        inner.pending.insert(
+            n,
+            Pending {
+                recipient: *recipient,
+                label: label.clone(),
+                origin,
+            },
+        );
+        deliver(
+            &target,
+            &MasterMessage::Message {
+                data: data.clone(),
+                from: Some(from.to_string()),
+                request: Some(n),
+            },
+        );
+        self.expire_after(n, timeout_ms);
     }
 
     fn expire_after(&self, n: u64, timeout_ms: Option<u64>) {

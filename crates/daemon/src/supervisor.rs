@@ -584,7 +584,7 @@ impl Supervisor {
                         .iter()
                         .filter_map(|&id| self.instance_mut(id)?.process.as_ref().map(|p| p.pid))
                         .collect();
-                    self.bus.request_from_cli(&pids, data, timeout_ms, reply);
+                    self.bus.request_from_cli(&pids, &data, timeout_ms, reply);
                     return;
                 }
                 Err(response) => response,
