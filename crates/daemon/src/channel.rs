@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use corral_proto::channel::{MAX_CHANNEL_FRAME_LEN, WorkerMessage};
+use corral_proto::channel::{MAX_CHANNEL_FRAME_LEN, StateCall, WorkerMessage};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -40,8 +40,14 @@ pub async fn read(conduit: Arc<Conduit>, events: mpsc::UnboundedSender<Event>, b
     bus.leave(pid);
 }
 
-/// A bus or state message: to the bus. Gives the message back when it is another kind.
-async fn to_bus(bus: &Bus, pid: u32, message: WorkerMessage) -> Option<WorkerMessage> {
+/// A bus message: to the bus; a state call: onto `calls`, which go to the bus together once the
+/// read they came in is handled. Gives the message back when it is another kind.
+fn to_bus(
+    bus: &Bus,
+    pid: u32,
+    message: WorkerMessage,
+    calls: &mut Vec<(u64, StateCall)>,
+) -> Option<WorkerMessage> {
     match message {
         WorkerMessage::Send {
             id,
@@ -55,7 +61,7 @@ async fn to_bus(bus: &Bus, pid: u32, message: WorkerMessage) -> Option<WorkerMes
             data,
             error,
         } => bus.reply(pid, request, data, error),
-        WorkerMessage::State { id, call } => bus.state(pid, vec![(id, call)]).await,
+        WorkerMessage::State { id, call } => calls.push((id, call)),
         message => return Some(message),
     }
     None
@@ -96,10 +102,6 @@ async fn read_until_closed(
         let mut calls = Vec::new();
         for message in messages {
             let answered = match message {
-                WorkerMessage::State { id, call } => {
-                    calls.push((id, call));
-                    continue;
-                }
                 WorkerMessage::Accepted { id } => conduit.accepted(id),
                 WorkerMessage::Refused { id } => conduit.refused(id),
                 WorkerMessage::Closed { .. } => {
@@ -107,7 +109,7 @@ async fn read_until_closed(
                     true
                 }
                 message => {
-                    if let Some(message) = to_bus(bus, pid, message).await {
+                    if let Some(message) = to_bus(bus, pid, message, &mut calls) {
                         events.send(Event::Worker { pid, message }).ok()?;
                     }
                     continue;
@@ -215,9 +217,8 @@ async fn read_node_until_closed(
                     // `process.send({corral: ...})`: a worker message for corral itself.
                     let inner = object.remove("corral").unwrap_or_default();
                     match serde_json::from_value::<WorkerMessage>(inner) {
-                        Ok(WorkerMessage::State { id, call }) => calls.push((id, call)),
                         Ok(message) => {
-                            if let Some(message) = to_bus(bus, pid, message).await {
+                            if let Some(message) = to_bus(bus, pid, message, &mut calls) {
                                 events.send(Event::Worker { pid, message }).ok()?;
                             }
                         }
