@@ -602,6 +602,145 @@ fn workers_that_crash_while_the_agent_is_down_wait_for_it_to_be_back() {
     home.ok(&["delete", "all"]);
 }
 
+// ---- state batches (RESP) ----
+
+/// A worker speaking the channel itself: one state batch of allowed and refused commands, each
+/// reply printed as `reply <number> <reply>`, then a batch that is not RESP.
+const BATCH_PY: &str = r#"
+import os, socket, struct
+
+channel = socket.socket(fileno=int(os.environ["CORRAL_CHANNEL_FD"]))
+
+def command(*args):
+    out = b"*%d\r\n" % len(args)
+    for arg in args:
+        arg = arg if isinstance(arg, bytes) else arg.encode()
+        out += b"$%d\r\n%s\r\n" % (len(arg), arg)
+    return out
+
+def batch(first, resp):
+    body = b"R" + struct.pack(">Q", first) + resp
+    return struct.pack(">I", len(body)) + body
+
+def exactly(n):
+    data = b""
+    while len(data) < n:
+        more = channel.recv(n - len(data))
+        if not more:
+            raise SystemExit(0)
+        data += more
+    return data
+
+def replies(resp):
+    """Splits RESP replies (no arrays here) into their lines."""
+    out = []
+    while resp:
+        line, resp = resp.split(b"\r\n", 1)
+        if line[:1] == b"$" and line != b"$-1":
+            value, resp = resp[:int(line[1:])], resp[int(line[1:]) + 2:]
+            line = b"$" + value
+        out.append(line.decode(errors="replace"))
+    return out
+
+commands = [
+    command("SET", "k", "v"),
+    command("GET", "k"),
+    command("INCRBY", "n", "5"),
+    command("FLUSHALL"),
+    command("EVAL", "return 1", "0"),
+    command("GET", b"\xff"),
+    command("SET", "t", "x", "PX", "0"),
+    command("SET", "t", "x", "PX", "60000"),
+    command("GET", "k" * 2000),
+    command("INCRBY", "k", "1"),
+    command("DEL", "k"),
+    command("GET", "k"),
+]
+channel.sendall(batch(100, b"".join(commands)))
+got = []
+while len(got) < len(commands):
+    body = exactly(struct.unpack(">I", exactly(4))[0])
+    assert body[:1] == b"R", body
+    assert struct.unpack(">Q", body[1:9])[0] == 100 + len(got)
+    got += replies(body[9:])
+for number, reply in enumerate(got):
+    print(f"reply {number} {reply}", flush=True)
+channel.sendall(batch(200, b"GET k\r\n"))
+while True:
+    exactly(4)
+"#;
+
+/// The batch of [`BATCH_PY`] on the store given by `state_args`: the calls a batch may hold
+/// run, every other command is refused by corral with a reason (never reaching Redis), and a
+/// batch that is not RESP ends the worker, not the daemon.
+fn batches_run_allowed_calls_and_refuse_the_rest(state_args: &[&str]) {
+    let home = Home::new();
+    let script = home.file("batch.py", BATCH_PY);
+    let mut args = vec!["start", arg(&script), "-n", "batch", "--no-autorestart"];
+    args.extend_from_slice(state_args);
+    home.ok(&args);
+    let log = home.wait_log("batch", 0, "out", "reply 11 ");
+    let replies: Vec<&str> = log.lines().filter(|l| l.starts_with("reply ")).collect();
+    let expect = |number: usize, wanted: &str| {
+        let reply = replies[number].splitn(3, ' ').nth(2).unwrap_or_default();
+        assert!(reply.starts_with(wanted), "reply {number}: {reply}\n{log}");
+    };
+    expect(0, "+OK");
+    expect(1, "$v");
+    expect(2, ":5");
+    expect(
+        3,
+        "-CORRAL call refused: [\"FLUSHALL\"] is not a call a batch may hold",
+    );
+    expect(
+        4,
+        "-CORRAL call refused: [\"EVAL\", \"return 1\", \"0\"] is not a call",
+    );
+    expect(5, "-CORRAL call refused: keys and values are UTF-8 text");
+    expect(6, "-CORRAL bad TTL of 0 ms");
+    expect(7, "+OK");
+    expect(
+        8,
+        "-CORRAL key, channel or pattern of 2000 bytes is over the limit",
+    );
+    // INCRBY on "v": the store's own error (Redis's, or the embedded store's).
+    assert!(
+        replies[9].contains("-CORRAL the value of key \"k\" is not an integer")
+            || replies[9].contains("-ERR value is not an integer"),
+        "{log}"
+    );
+    expect(10, ":1");
+    expect(11, "$-1");
+    // The refused FLUSHALL did nothing: the other keys are there.
+    assert_eq!(state(&home, &["get", "n"]), "5");
+    assert_eq!(state(&home, &["get", "t"]), "x");
+    // The batch that is not RESP: the worker is ended and says why; the daemon goes on.
+    let ended = home.wait_app(Duration::from_secs(20), "batch", "ended", |list| {
+        list.iter().all(|i| status(i) != "online")
+    });
+    let said = daemon_log(&home);
+    assert!(
+        said.contains("broke its channel protocol (it sent a state batch that is not RESP"),
+        "{}\n{said}",
+        show(&ended)
+    );
+    home.assert_daemon_answers();
+    home.ok(&["delete", "all"]);
+}
+
+#[test]
+fn state_batches_on_the_embedded_store() {
+    batches_run_allowed_calls_and_refuse_the_rest(&[]);
+}
+
+#[test]
+fn state_batches_pass_through_to_redis_as_they_are() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    batches_run_allowed_calls_and_refuse_the_rest(&["--state", &redis.url()]);
+}
+
 fn daemon_log(home: &Home) -> String {
     std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default()
 }
@@ -700,10 +839,23 @@ fn two_daemons_share_keys_and_channels_through_redis_and_survive_its_restart() {
         &[("STATE_MODE", "subscribe"), ("STATE_PATTERN", "jobs.*")],
         &["--state", &url],
     );
+    // A Rust worker on B counts on the same key meanwhile (its calls pass through to Redis in
+    // state batches, the Node worker's as JSON messages).
+    start_rust(
+        &b,
+        "count",
+        &[
+            ("STATE_MODE", "count"),
+            ("STATE_KEY", "counter"),
+            ("STATE_INCRS", "500"),
+        ],
+        &["--state", &url],
+    );
     a.wait_log("js", 0, "out", "counted 500");
+    b.wait_log("count", 0, "out", "counted 500");
     b.wait_log("sub", 0, "out", "subscribed jobs.*");
     // B sees A's key, and A's publication reaches B's worker.
-    assert_eq!(state(&b, &["get", "counter"]), "500");
+    assert_eq!(state(&b, &["get", "counter"]), "1000");
     state(&a, &["publish", "jobs.new", "first"]);
     b.wait_log("sub", 0, "out", "got jobs.new first");
 

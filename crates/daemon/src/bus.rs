@@ -18,9 +18,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use corral_proto::channel::{DEFAULT_REQUEST_TIMEOUT_MS, MasterMessage, StateCall, Target};
+use corral_proto::channel::{
+    DEFAULT_REQUEST_TIMEOUT_MS, MAX_CHANNEL_FRAME_LEN, MasterMessage, STATE_BATCH_HEADER_LEN,
+    StateCall, Target, finish_state_batch, start_state_batch,
+};
+use corral_proto::resp;
 use corral_proto::{ErrorKind, Response, StateBackend};
-use corral_state::{Op, Outcome, Published, StateError, Store, StoreEvent};
+use corral_state::{Batch, CORRAL_ERROR, Op, Outcome, Published, StateError, Store, StoreEvent};
 use serde_json::{Value, json};
 use tokio::sync::{OnceCell, Semaphore, oneshot};
 
@@ -530,6 +534,52 @@ impl Bus {
         });
     }
 
+    /// A member's state batch ([`corral_proto::channel::STATE_BATCH`]): its calls, numbered
+    /// from `first`, checked now and started on the store at once (so batches keep their order
+    /// on Redis), their replies written to the member in batch frames once in. Waits while the
+    /// member has [`MAX_CALLS_IN_FLIGHT`] calls running. Bytes that are not RESP commands are a
+    /// fault of the worker's: the problem is returned.
+    pub async fn batch(&self, pid: u32, first: u64, resp: Vec<u8>) -> Result<(), String> {
+        let batch = Batch::read(resp)
+            .map_err(|e| format!("it sent a state batch that is not RESP commands ({e})"))?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let Some((slots, conduit, backend)) = lock(&self.inner)
+            .members
+            .get(&pid)
+            .map(|m| (m.calls.clone(), m.conduit.clone(), m.backend.clone()))
+        else {
+            return Ok(());
+        };
+        let wanted = u32::try_from(batch.len().min(MAX_CALLS_IN_FLIGHT)).unwrap_or(1);
+        let Ok(permit) = slots.acquire_many_owned(wanted).await else {
+            return Ok(());
+        };
+        let count = batch.len();
+        let forwarded = match self.store(&backend).await {
+            Ok(store) => Ok(store.forward(batch)),
+            Err(why) => {
+                let mut replies = Vec::new();
+                for _ in 0..count {
+                    resp::error(&mut replies, &format!("{CORRAL_ERROR} {why}"));
+                }
+                Err(replies)
+            }
+        };
+        tokio::spawn(async move {
+            let replies = match forwarded {
+                Ok(forwarded) => forwarded.await,
+                Err(refused) => refused,
+            };
+            let frames = batch_frames(first, &replies);
+            let turn = conduit.turn_with_room(MAX_BACKLOG).await;
+            conduit.send_now(&frames);
+            drop((turn, permit));
+        });
+        Ok(())
+    }
+
     /// `corral state`: a call on `backend`'s store.
     pub async fn cli_state(&self, backend: &StateBackend, call: StateCall) -> Response {
         if matches!(
@@ -706,6 +756,36 @@ impl Bus {
     }
 }
 
+/// `replies`, the replies to calls numbered from `first`, as state batch frames: one, or as many
+/// as it takes to keep each within [`MAX_CHANNEL_FRAME_LEN`].
+fn batch_frames(first: u64, replies: &[u8]) -> Vec<u8> {
+    let room = MAX_CHANNEL_FRAME_LEN - (STATE_BATCH_HEADER_LEN - 4);
+    let mut frames = Vec::with_capacity(replies.len() + STATE_BATCH_HEADER_LEN);
+    let (mut number, mut at) = (first, 0);
+    while at < replies.len() {
+        let (mut end, mut count) = (at, 0);
+        if replies.len() - at <= room {
+            end = replies.len();
+        } else {
+            // Whole replies, as many as fit (each is well under a frame: values are at most
+            // 512 KiB).
+            while let Ok(Some(len)) = resp::reply_len(&replies[end..]) {
+                if end > at && end + len - at > room {
+                    break;
+                }
+                end += len;
+                count += 1;
+            }
+        }
+        let start = start_state_batch(&mut frames, number);
+        frames.extend_from_slice(&replies[at..end]);
+        finish_state_batch(&mut frames, start);
+        number += count;
+        at = end;
+    }
+    frames
+}
+
 /// The store operation of a key/value call or a publication; the call itself when it is
 /// another kind.
 fn pipelined(call: StateCall) -> Result<Op, StateCall> {
@@ -860,5 +940,44 @@ async fn pump_events(
                 path.display()
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use corral_proto::channel::read_state_batch;
+
+    use super::*;
+
+    /// The frames of `bytes`: the number each starts with and its RESP.
+    fn frames(mut bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+            assert!(len <= MAX_CHANNEL_FRAME_LEN);
+            let (first, resp) = read_state_batch(&bytes[4..4 + len]).unwrap();
+            out.push((first, resp.to_vec()));
+            bytes = &bytes[4 + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn replies_go_in_one_frame_or_whole_in_several_within_the_limit() {
+        let mut small = Vec::new();
+        resp::ok(&mut small);
+        resp::integer(&mut small, 7);
+        assert_eq!(frames(&batch_frames(40, &small)), [(40, small.clone())]);
+
+        // Five values of 300 KiB: three fit a frame, the other two the next.
+        let value = vec![b'v'; 300 * 1024];
+        let mut big = Vec::new();
+        for _ in 0..5 {
+            resp::bulk(&mut big, Some(&value));
+        }
+        let split = frames(&batch_frames(7, &big));
+        assert_eq!(split.len(), 2);
+        assert_eq!((split[0].0, split[1].0), (7, 10));
+        assert_eq!([split[0].1.clone(), split[1].1.clone()].concat(), big);
     }
 }

@@ -94,13 +94,25 @@ async fn read_until_closed(
         };
         pending.extend_from_slice(&chunk[..n]);
 
-        let messages = match drain_frames(&mut pending) {
-            Ok(messages) => messages,
+        let frames = match drain_frames(&mut pending) {
+            Ok(frames) => frames,
             Err(problem) => return Some(problem),
         };
         // The state calls of one read run together: one pipeline, one write of the answers.
         let mut calls = Vec::new();
-        for message in messages {
+        for frame in frames {
+            let message = match frame {
+                Frame::Message(message) => message,
+                Frame::Batch { first, resp } => {
+                    if !calls.is_empty() {
+                        bus.state(pid, std::mem::take(&mut calls)).await;
+                    }
+                    if let Err(problem) = bus.batch(pid, first, resp).await {
+                        return Some(problem);
+                    }
+                    continue;
+                }
+            };
             let answered = match message {
                 WorkerMessage::Accepted { id } => conduit.accepted(id),
                 WorkerMessage::Refused { id } => conduit.refused(id),
@@ -249,8 +261,15 @@ async fn read_node_until_closed(
     }
 }
 
+/// A frame from a worker: a message, or a state batch (calls numbered from `first`, in RESP).
+#[derive(Debug, PartialEq)]
+enum Frame {
+    Message(WorkerMessage),
+    Batch { first: u64, resp: Vec<u8> },
+}
+
 /// Takes every complete frame off the front of `pending`.
-fn drain_frames(pending: &mut Vec<u8>) -> Result<Vec<WorkerMessage>, String> {
+fn drain_frames(pending: &mut Vec<u8>) -> Result<Vec<Frame>, String> {
     let mut messages = Vec::new();
     let mut at = 0;
     while pending.len() - at >= 4 {
@@ -264,11 +283,17 @@ fn drain_frames(pending: &mut Vec<u8>) -> Result<Vec<WorkerMessage>, String> {
             break;
         }
         let body = &pending[at + 4..at + 4 + len];
+        if let Some((first, resp)) = corral_proto::channel::read_state_batch(body) {
+            let resp = resp.to_vec();
+            messages.push(Frame::Batch { first, resp });
+            at += 4 + len;
+            continue;
+        }
         let message = corral_proto::channel::decode_worker_message(body).map_err(|e| {
             let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
             format!("it sent a frame that is not a worker message ({e}): {shown:?}")
         })?;
-        messages.push(message);
+        messages.push(Frame::Message(message));
         at += 4 + len;
     }
     pending.drain(..at);
@@ -298,10 +323,10 @@ mod tests {
         assert_eq!(
             got,
             [
-                WorkerMessage::Ready,
-                WorkerMessage::GoingDown {
+                Frame::Message(WorkerMessage::Ready),
+                Frame::Message(WorkerMessage::GoingDown {
                     reason: "panic".into()
-                }
+                })
             ]
         );
         assert!(pending.is_empty());

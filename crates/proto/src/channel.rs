@@ -277,6 +277,100 @@ pub enum MasterMessage {
     },
 }
 
+/// The first byte of a state batch frame: key/value calls in RESP rather than JSON, so that the
+/// master can hand them to Redis as they are ([`crate::resp`]). The body is this byte, the
+/// number of the first call (8 bytes, big-endian), then RESP commands, the calls numbered on
+/// from the first. The master answers with frames of the same shape holding one reply per call,
+/// in order; it may split them over several frames, each numbered by its first reply's call.
+/// A JSON body starts with `{`, never with this byte.
+pub const STATE_BATCH: u8 = b'R';
+
+/// Bytes of a state batch frame before its RESP, the length prefix included.
+pub const STATE_BATCH_HEADER_LEN: usize = 4 + 1 + 8;
+
+/// Starts a state batch frame at the end of `out` for calls numbered from `first`; append the
+/// RESP, then call [`finish_state_batch`] with the position returned.
+pub fn start_state_batch(out: &mut Vec<u8>, first: u64) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.push(STATE_BATCH);
+    out.extend_from_slice(&first.to_be_bytes());
+    start
+}
+
+/// Writes the length of the state batch frame started at `start`, now that its RESP is in.
+/// Keeping it within [`MAX_CHANNEL_FRAME_LEN`] is the caller's business.
+pub fn finish_state_batch(out: &mut [u8], start: usize) {
+    let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The number of the first call and the RESP of a frame body that is a state batch; `None` for
+/// any other body.
+#[must_use]
+pub fn read_state_batch(body: &[u8]) -> Option<(u64, &[u8])> {
+    match body {
+        [STATE_BATCH, first @ ..] if first.len() >= 8 => {
+            let (number, resp) = first.split_at(8);
+            Some((u64::from_be_bytes(number.try_into().ok()?), resp))
+        }
+        _ => None,
+    }
+}
+
+impl StateCall {
+    /// Writes the call as a command of a state batch at the end of `out`: `GET k`, `SET k v`,
+    /// `SET k v PX ms`, `DEL k` or `INCRBY k n`. False, with nothing written, for the calls a
+    /// batch does not hold (the others go as `state` messages).
+    pub fn write_command(&self, out: &mut Vec<u8>) -> bool {
+        match self {
+            StateCall::Get { key } => crate::resp::command(out, &[b"GET", key.as_bytes()]),
+            StateCall::Set { key, value, ttl_ms } => match ttl_ms {
+                None => crate::resp::command(out, &[b"SET", key.as_bytes(), value.as_bytes()]),
+                Some(ms) => {
+                    let ms = ms.to_string();
+                    let (key, value) = (key.as_bytes(), value.as_bytes());
+                    crate::resp::command(out, &[b"SET", key, value, b"PX", ms.as_bytes()]);
+                }
+            },
+            StateCall::Del { key } => crate::resp::command(out, &[b"DEL", key.as_bytes()]),
+            StateCall::Incr { key, by } => {
+                let by = by.to_string();
+                crate::resp::command(out, &[b"INCRBY", key.as_bytes(), by.as_bytes()]);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// The call a command of a state batch stands for (see [`StateCall::write_command`]);
+    /// `None` when it stands for none.
+    #[must_use]
+    pub fn from_command(args: &[&[u8]]) -> Option<StateCall> {
+        let text = |arg: &[u8]| String::from_utf8(arg.to_vec()).ok();
+        let number = |arg: &[u8]| std::str::from_utf8(arg).ok()?.parse::<i64>().ok();
+        Some(match args {
+            [b"GET", key] => StateCall::Get { key: text(key)? },
+            [b"SET", key, value] => StateCall::Set {
+                key: text(key)?,
+                value: text(value)?,
+                ttl_ms: None,
+            },
+            [b"SET", key, value, b"PX", ms] => StateCall::Set {
+                key: text(key)?,
+                value: text(value)?,
+                ttl_ms: Some(u64::try_from(number(ms)?).ok()?),
+            },
+            [b"DEL", key] => StateCall::Del { key: text(key)? },
+            [b"INCRBY", key, by] => StateCall::Incr {
+                key: text(key)?,
+                by: number(by)?,
+            },
+            _ => return None,
+        })
+    }
+}
+
 /// Decodes a worker's frame body. Shared-state calls, by far the most frequent frames, are read
 /// straight into their fields; everything else, and anything malformed, the general way (which
 /// gives the error).

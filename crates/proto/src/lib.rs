@@ -24,6 +24,7 @@ pub mod channel;
 pub mod env;
 pub mod frame;
 pub mod message;
+pub mod resp;
 pub mod signal;
 
 pub use frame::{FrameError, MAX_FRAME_LEN};

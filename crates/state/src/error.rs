@@ -77,6 +77,13 @@ pub enum StateError {
         /// The key.
         key: String,
     },
+    /// A call a worker wrote in a batch that corral does not take (not one of the calls a
+    /// batch may hold, a key or value that is not UTF-8, a number that is not one).
+    #[error("call refused: {reason}")]
+    Refused {
+        /// What is wrong and what is taken.
+        reason: String,
+    },
     /// The Redis URL is malformed or uses something corral does not support.
     #[error(
         "bad Redis URL {url}: {reason}; expected redis://host:port/db or redis://:password@host:port/db"
@@ -146,6 +153,7 @@ impl StateError {
                 | Self::NotInteger { .. }
                 | Self::Overflow { .. }
                 | Self::NotUtf8 { .. }
+                | Self::Refused { .. }
         )
     }
 }

@@ -43,18 +43,22 @@
 
 #![warn(missing_docs)]
 
+mod batch;
 mod embedded;
 mod error;
 mod glob;
+mod link;
 mod redis_backend;
 
 use std::fmt;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+pub use batch::{Batch, CORRAL_ERROR};
 pub use error::StateError;
 
 /// Longest key, channel name or pattern, in bytes.
@@ -432,6 +436,32 @@ impl Store {
                 results
             }
             Backend::Redis(r) => r.pipeline(checked).await,
+        }
+    }
+
+    /// Runs a [`Batch`] of RESP commands: its replies in RESP, one per command, in order. The
+    /// work starts before this returns: on Redis the commands are queued, after those of every
+    /// batch forwarded before, and written as they came, Redis's replies coming back as Redis
+    /// wrote them; on the embedded store they are done. Refused commands, and every command
+    /// when Redis is out of reach, get an error reply starting with [`CORRAL_ERROR`].
+    pub fn forward(&self, mut batch: Batch) -> impl Future<Output = Vec<u8>> + Send + 'static {
+        let (done, forwarded, url) = match &*self.backend {
+            Backend::Embedded(e) => (Some(batch.run_embedded(e)), None, String::new()),
+            Backend::Redis(r) => {
+                let (commands, count) = batch.take_forwarded();
+                let forwarded = (count > 0).then(|| r.forward(commands, count));
+                (None, forwarded, r.url().to_string())
+            }
+        };
+        async move {
+            if let Some(replies) = done {
+                return replies;
+            }
+            let forwarded = match forwarded {
+                Some(forwarded) => forwarded.await,
+                None => Ok(Vec::new()),
+            };
+            batch.merge(&url, forwarded)
         }
     }
 

@@ -76,6 +76,8 @@ pub(crate) struct Remote {
     conn: ConnectionManager,
     control: mpsc::Sender<Control>,
     cas: redis::Script,
+    /// Workers' RESP commands, passed through.
+    link: crate::link::Link,
 }
 
 impl Remote {
@@ -104,6 +106,7 @@ impl Remote {
             .await
             .map_err(|_| no_answer(&url))?
             .map_err(at_start)?;
+        let link = crate::link::Link::new(&client, url.clone());
         let (control, control_rx) = mpsc::channel(64);
         let subscriber = Subscriber {
             client,
@@ -122,7 +125,18 @@ impl Remote {
             conn,
             control,
             cas: redis::Script::new(CAS_SCRIPT),
+            link,
         })
+    }
+
+    /// Writes `commands` (`count` whole RESP commands, checked) to Redis after those forwarded
+    /// before; their `count` replies as Redis wrote them.
+    pub(crate) fn forward(
+        &self,
+        commands: Vec<u8>,
+        count: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, StateError>> + Send + 'static {
+        self.link.forward(commands, count)
     }
 
     pub(crate) fn url(&self) -> &str {

@@ -546,7 +546,11 @@ impl Frames {
             }
             // Messages of later versions are skipped.
             let body = &self.pending[at + 4..at + 4 + len];
-            if let Ok(message) = corral_proto::channel::decode_master_message(body) {
+            if let Some((first, resp)) = corral_proto::channel::read_state_batch(body) {
+                if !channel.answer_batch(first, resp) {
+                    return false;
+                }
+            } else if let Ok(message) = corral_proto::channel::decode_master_message(body) {
                 channel.handle(message, &mut self.fds);
             }
             at += 4 + len;
@@ -601,7 +605,13 @@ pub(crate) mod testing {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
-    use corral_proto::channel::WorkerMessage;
+    use std::cell::RefCell;
+    use std::collections::{HashMap, VecDeque};
+
+    use corral_proto::channel::{
+        StateCall, WorkerMessage, finish_state_batch, read_state_batch, start_state_batch,
+    };
+    use corral_proto::resp;
 
     use super::Channel;
 
@@ -636,12 +646,96 @@ pub(crate) mod testing {
     }
 
     /// Reads the worker's next message.
-    pub(crate) fn read_message(mut master: &UnixStream) -> WorkerMessage {
+    pub(crate) fn read_message(master: &UnixStream) -> WorkerMessage {
+        serde_json::from_slice(&read_body(master)).unwrap()
+    }
+
+    fn read_body(mut master: &UnixStream) -> Vec<u8> {
         let mut len = [0u8; 4];
         master.read_exact(&mut len).unwrap();
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
         master.read_exact(&mut body).unwrap();
-        serde_json::from_slice(&body).unwrap()
+        body
+    }
+
+    thread_local! {
+        /// State calls read from a batch frame and not yet given to the test.
+        static UNREAD: RefCell<VecDeque<(u64, StateCall)>> = RefCell::default();
+        /// The calls that came in a state batch, by number, until answered.
+        static BATCHED: RefCell<HashMap<u64, StateCall>> = RefCell::default();
+    }
+
+    /// The number and the call of the worker's next state call, whether it came as a `state`
+    /// message or in a state batch frame.
+    pub(crate) fn read_call(master: &UnixStream) -> (u64, StateCall) {
+        if let Some(call) = UNREAD.with(|unread| unread.borrow_mut().pop_front()) {
+            return call;
+        }
+        let body = read_body(master);
+        let Some((first, mut commands)) = read_state_batch(&body) else {
+            return match serde_json::from_slice(&body).unwrap() {
+                WorkerMessage::State { id, call } => (id, call),
+                other => panic!("expected a state call, got {other:?}"),
+            };
+        };
+        let mut id = first;
+        while !commands.is_empty() {
+            let (command, len) = resp::read_command(commands).unwrap().unwrap();
+            let call = StateCall::from_command(command.args()).expect("a call a batch holds");
+            BATCHED.with(|batched| batched.borrow_mut().insert(id, call.clone()));
+            UNREAD.with(|unread| unread.borrow_mut().push_back((id, call)));
+            commands = &commands[len..];
+            id += 1;
+        }
+        read_call(master)
+    }
+
+    /// Answers call `id` with `ok` as the master does: in a state batch frame (a RESP reply
+    /// standing for `ok`) when the call came in one, else in a `state` message.
+    pub(crate) fn answer(master: &UnixStream, id: u64, ok: &serde_json::Value) {
+        use serde_json::Value;
+        let Some(call) = BATCHED.with(|batched| batched.borrow_mut().remove(&id)) else {
+            write_frame(
+                master,
+                &serde_json::json!({"type": "state", "id": id, "ok": ok}),
+            );
+            return;
+        };
+        let mut reply = Vec::new();
+        match (ok, call) {
+            (Value::String(text), _) => resp::bulk(&mut reply, Some(text.as_bytes())),
+            (Value::Null, _) => resp::bulk(&mut reply, None),
+            (Value::Bool(_), StateCall::Set { .. }) => resp::ok(&mut reply),
+            (Value::Bool(yes), _) => resp::integer(&mut reply, i64::from(*yes)),
+            (Value::Number(n), _) => resp::integer(&mut reply, n.as_i64().unwrap()),
+            (other, _) => panic!("no RESP reply stands for {other}"),
+        }
+        write_batch(master, id, &reply);
+    }
+
+    /// Answers call `id` with the error `error`, as [`answer`] does.
+    pub(crate) fn refuse(master: &UnixStream, id: u64, error: &str) {
+        if BATCHED
+            .with(|batched| batched.borrow_mut().remove(&id))
+            .is_none()
+        {
+            write_frame(
+                master,
+                &serde_json::json!({"type": "state", "id": id, "error": error}),
+            );
+            return;
+        }
+        let mut reply = Vec::new();
+        resp::error(&mut reply, &format!("CORRAL {error}"));
+        write_batch(master, id, &reply);
+    }
+
+    fn write_batch(mut master: &UnixStream, first: u64, replies: &[u8]) {
+        let mut frame = Vec::new();
+        let start = start_state_batch(&mut frame, first);
+        frame.extend_from_slice(replies);
+        finish_state_batch(&mut frame, start);
+        master.write_all(&frame).unwrap();
     }
 }
 

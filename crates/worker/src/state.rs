@@ -247,25 +247,12 @@ impl Drop for Subscription {
 mod tests {
     use std::thread;
 
-    use corral_proto::channel::WorkerMessage;
     use serde_json::json;
 
     use super::*;
-    use crate::channel::testing::{channel, read_message, write_frame};
+    use crate::channel::testing::{answer, channel, read_call, refuse, write_frame};
 
     const LONG: Duration = Duration::from_secs(20);
-
-    /// The number and operation of the master's next `state` message.
-    fn read_call(master: &std::os::unix::net::UnixStream) -> (u64, StateCall) {
-        match read_message(master) {
-            WorkerMessage::State { id, call } => (id, call),
-            other => panic!("expected a state call, got {other:?}"),
-        }
-    }
-
-    fn answer(master: &std::os::unix::net::UnixStream, id: u64, ok: &Value) {
-        write_frame(master, &json!({"type": "state", "id": id, "ok": ok}));
-    }
 
     #[test]
     fn outside_corral_calls_say_corral_is_needed() {
@@ -341,9 +328,7 @@ mod tests {
                 let (id, call) = read_call(&master);
                 seen.push(call);
                 match error {
-                    Some(error) => {
-                        write_frame(&master, &json!({"type": "state", "id": id, "error": error}));
-                    }
+                    Some(error) => refuse(&master, id, error),
                     None => answer(&master, id, &ok),
                 }
             }

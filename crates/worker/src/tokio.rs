@@ -545,20 +545,13 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::channel::testing::{read_message, unread_channel, write_frame};
+    use crate::channel::testing::{answer, read_call, read_message, unread_channel, write_frame};
 
     /// A channel read by a task of the test's runtime, as in an async program.
     fn channel() -> (&'static Channel, UnixStream) {
         let (channel, master) = unread_channel();
         channel.listen();
         (channel, master)
-    }
-
-    fn read_call(master: &UnixStream) -> (u64, StateCall) {
-        match read_message(master) {
-            WorkerMessage::State { id, call } => (id, call),
-            other => panic!("expected a state call, got {other:?}"),
-        }
     }
 
     #[tokio::test]
@@ -575,10 +568,7 @@ mod tests {
                     panic!("{call:?}")
                 };
                 let n: i64 = key.trim_start_matches('k').parse().unwrap();
-                write_frame(
-                    &master,
-                    &json!({"type": "state", "id": id, "ok": n * 1000 + by}),
-                );
+                answer(&master, id, &json!(n * 1000 + by));
             }
             master
         });

@@ -17,7 +17,10 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use corral_proto::channel::{StateCall, WorkerMessage};
+use corral_proto::channel::{
+    StateCall, WorkerMessage, finish_state_batch, read_state_batch, start_state_batch,
+};
+use corral_proto::resp;
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -154,12 +157,17 @@ fn write_frame(writer: &Mutex<UnixStream>, json: &Value) {
     let body = json.to_string();
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(body.as_bytes());
-    let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
-    // The example may be gone already (a test that expects it to fail).
-    let _ = writer.write_all(&frame);
+    write_bytes(writer, &frame);
 }
 
-/// The stand-in master: answers state calls from `store`, passes the rest on to `seen`.
+fn write_bytes(writer: &Mutex<UnixStream>, bytes: &[u8]) {
+    let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+    // The example may be gone already (a test that expects it to fail).
+    let _ = writer.write_all(bytes);
+}
+
+/// The stand-in master: answers state calls from `store` (a `state` message in kind, a state
+/// batch in a batch frame of one reply per call), passes the rest on to `seen`.
 fn serve(
     mut master: UnixStream,
     writer: &Mutex<UnixStream>,
@@ -167,7 +175,7 @@ fn serve(
     seen: &mpsc::Sender<WorkerMessage>,
     hold: usize,
 ) {
-    let mut unanswered = VecDeque::new();
+    let mut unanswered: VecDeque<Vec<u8>> = VecDeque::new();
     loop {
         let mut len = [0u8; 4];
         if master.read_exact(&mut len).is_err() {
@@ -177,21 +185,46 @@ fn serve(
         if master.read_exact(&mut body).is_err() {
             return;
         }
-        match serde_json::from_slice(&body).unwrap() {
-            WorkerMessage::State { id, call } => {
-                let ok = do_call(
-                    &mut store.lock().unwrap_or_else(PoisonError::into_inner),
-                    call,
-                );
-                unanswered.push_back(json!({"type": "state", "id": id, "ok": ok}));
-                if unanswered.len() >= hold {
-                    for answer in unanswered.drain(..) {
-                        write_frame(writer, &answer);
-                    }
+        let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((first, mut commands)) = read_state_batch(&body) {
+            let mut id = first;
+            while !commands.is_empty() {
+                let (command, len) = resp::read_command(commands).unwrap().unwrap();
+                let call = StateCall::from_command(command.args()).unwrap();
+                let mut reply = Vec::new();
+                match (&call, do_call(&mut store, call.clone())) {
+                    (_, Value::String(value)) => resp::bulk(&mut reply, Some(value.as_bytes())),
+                    (_, Value::Null) => resp::bulk(&mut reply, None),
+                    (StateCall::Set { .. }, _) => resp::ok(&mut reply),
+                    (_, Value::Bool(yes)) => resp::integer(&mut reply, i64::from(yes)),
+                    (_, n) => resp::integer(&mut reply, n.as_i64().unwrap()),
+                }
+                let mut frame = Vec::new();
+                let start = start_state_batch(&mut frame, id);
+                frame.extend_from_slice(&reply);
+                finish_state_batch(&mut frame, start);
+                unanswered.push_back(frame);
+                commands = &commands[len..];
+                id += 1;
+            }
+        } else {
+            match serde_json::from_slice(&body).unwrap() {
+                WorkerMessage::State { id, call } => {
+                    let ok = do_call(&mut store, call);
+                    let answer = json!({"type": "state", "id": id, "ok": ok}).to_string();
+                    let mut frame = (answer.len() as u32).to_be_bytes().to_vec();
+                    frame.extend_from_slice(answer.as_bytes());
+                    unanswered.push_back(frame);
+                }
+                other => {
+                    let _ = seen.send(other);
                 }
             }
-            other => {
-                let _ = seen.send(other);
+        }
+        drop(store);
+        if unanswered.len() >= hold {
+            for answer in unanswered.drain(..) {
+                write_bytes(writer, &answer);
             }
         }
     }

@@ -19,7 +19,11 @@ use std::task::Waker;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use corral_proto::channel::{MAX_CHANNEL_FRAME_LEN, StateCall, WorkerMessage};
+use corral_proto::channel::{
+    MAX_CHANNEL_FRAME_LEN, STATE_BATCH_HEADER_LEN, StateCall, WorkerMessage, finish_state_batch,
+    start_state_batch,
+};
+use corral_proto::resp::{self, Reply};
 use serde_json::Value;
 
 use super::Channel;
@@ -122,6 +126,79 @@ struct Waiting {
     kind: Kind,
     batch: Arc<Batch>,
     index: usize,
+    /// For a call written in a state batch (RESP), how its reply reads.
+    shape: Option<Shape>,
+}
+
+/// What the reply to a call written in a state batch is, and how it reads as the JSON answer the
+/// same call written as a `state` message gets.
+#[derive(Debug)]
+enum Shape {
+    /// `get`: a bulk string, or nil (`null`).
+    Value { key: String },
+    /// `set`: `+OK` (`true`).
+    Done,
+    /// `del`: an integer, how many keys went (`true` when one did).
+    Yes,
+    /// `incr`: an integer, the new value.
+    Number { key: String },
+}
+
+impl Shape {
+    fn read(&self, reply: Reply<'_>) -> Answer {
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        match (self, reply) {
+            (_, Reply::Error(error)) => Err(CallError::Failed(self.refused(&text(error)))),
+            (Shape::Value { key }, Reply::Bulk(Some(value))) => match std::str::from_utf8(value) {
+                Ok(value) => Ok(Value::String(value.to_string())),
+                Err(_) => Err(CallError::Failed(format!(
+                    "the value of key {key:?} is not UTF-8 text (another Redis client wrote it); \
+                     corral values are strings, so overwrite or delete it"
+                ))),
+            },
+            (Shape::Value { .. }, Reply::Bulk(None)) => Ok(Value::Null),
+            (Shape::Done, Reply::Simple(_)) => Ok(Value::Bool(true)),
+            (Shape::Yes, Reply::Integer(n)) => Ok(Value::Bool(n > 0)),
+            (Shape::Number { .. }, Reply::Integer(n)) => Ok(Value::from(n)),
+            (_, reply) => Err(CallError::Failed(format!(
+                "corral answered a state call with the reply {reply:?}, which this version of \
+                 corral-worker does not understand: use a corral-worker of the same version as \
+                 corral"
+            ))),
+        }
+    }
+
+    /// The message of an error reply: corral's own as it is; Redis's said as corral says it.
+    fn refused(&self, error: &str) -> String {
+        if let Some(own) = error.strip_prefix("CORRAL ") {
+            return own.to_string();
+        }
+        match self {
+            Shape::Number { key } if error.starts_with("ERR value is not an integer") => format!(
+                "the value of key {key:?} is not an integer, so it cannot be incremented; set \
+                 it to a decimal integer first or use another key"
+            ),
+            Shape::Number { key } if error.contains("overflow") => format!(
+                "incrementing key {key:?} would overflow a signed 64-bit integer; the value is \
+                 unchanged"
+            ),
+            _ => format!("Redis refused the command: {error}"),
+        }
+    }
+}
+
+/// A call as a command of a state batch, written at the end of `out`, and how its reply reads;
+/// the call back when it is not one a batch may hold.
+fn write_command(out: &mut Vec<u8>, call: StateCall) -> Result<Shape, StateCall> {
+    if !call.write_command(out) {
+        return Err(call);
+    }
+    Ok(match call {
+        StateCall::Get { key } => Shape::Value { key },
+        StateCall::Incr { key, .. } => Shape::Number { key },
+        StateCall::Del { .. } => Shape::Yes,
+        _ => Shape::Done,
+    })
 }
 
 /// Calls written together, answered one by one, waited for together.
@@ -243,14 +320,63 @@ impl Channel {
     }
 
     /// Writes shared-state calls, all in one write, and registers them; the batch to wait on.
+    /// The key/value calls go in state batch frames (RESP), the others as `state` messages.
     pub(crate) fn call_state(&self, calls: Vec<StateCall>) -> Arc<Batch> {
         let first = self.numbers(calls.len());
-        let messages = calls
-            .into_iter()
-            .zip(first..)
-            .map(|(call, id)| WorkerMessage::State { id, call })
-            .collect::<Vec<_>>();
-        self.start(Kind::State, first, &messages)
+        let batch = Arc::new(Batch::new(first, calls.len()));
+        let mut bytes = Vec::with_capacity(calls.len() * 40);
+        let mut sent = Vec::with_capacity(calls.len());
+        // The state batch frame being written: where it starts.
+        let mut open: Option<usize> = None;
+        for (index, call) in calls.into_iter().enumerate() {
+            let id = first + index as u64;
+            let at = bytes.len();
+            let start = *open.get_or_insert_with(|| start_state_batch(&mut bytes, id));
+            let command_at = bytes.len();
+            match write_command(&mut bytes, call) {
+                Ok(shape) => {
+                    if bytes.len() - start - 4 <= MAX_CHANNEL_FRAME_LEN {
+                        sent.push((index, Some(shape)));
+                        continue;
+                    }
+                    // Over the frame's limit: in a frame of its own, if it fits in one at all.
+                    let command = bytes.split_off(command_at);
+                    bytes.truncate(at);
+                    if command_at > start + STATE_BATCH_HEADER_LEN {
+                        finish_state_batch(&mut bytes, start);
+                    }
+                    let len = STATE_BATCH_HEADER_LEN - 4 + command.len();
+                    if len > MAX_CHANNEL_FRAME_LEN {
+                        open = None;
+                        let max = MAX_CHANNEL_FRAME_LEN;
+                        batch.fill(index, Err(CallError::TooLarge { len, max }));
+                        continue;
+                    }
+                    open = Some(start_state_batch(&mut bytes, id));
+                    bytes.extend_from_slice(&command);
+                    sent.push((index, Some(shape)));
+                }
+                Err(call) => {
+                    // Not one a batch holds: the batch so far is closed, this goes as JSON.
+                    bytes.truncate(at);
+                    if let Some(start) = open.take().filter(|&start| start < at) {
+                        finish_state_batch(&mut bytes, start);
+                    }
+                    match append_frame(&mut bytes, &WorkerMessage::State { id, call }) {
+                        Ok(()) => sent.push((index, None)),
+                        Err(error) => batch.fill(index, Err(error)),
+                    }
+                }
+            }
+        }
+        if let Some(start) = open {
+            if bytes.len() > start + STATE_BATCH_HEADER_LEN {
+                finish_state_batch(&mut bytes, start);
+            } else {
+                bytes.truncate(start);
+            }
+        }
+        self.register_and_write(Kind::State, batch, &bytes, sent)
     }
 
     /// Writes a message on the bus (a request when `request` gives its timeout) and registers
@@ -284,36 +410,50 @@ impl Channel {
         let mut sent = Vec::with_capacity(messages.len());
         for (index, message) in messages.iter().enumerate() {
             match append_frame(&mut bytes, message) {
-                Ok(()) => sent.push(index),
+                Ok(()) => sent.push((index, None)),
                 Err(error) => batch.fill(index, Err(error)),
             }
         }
+        self.register_and_write(kind, batch, &bytes, sent)
+    }
+
+    /// Registers the calls of `batch` in `sent` (their index, and for those in a state batch
+    /// how their reply reads), then writes `bytes`, their frames.
+    fn register_and_write(
+        &self,
+        kind: Kind,
+        batch: Arc<Batch>,
+        bytes: &[u8],
+        sent: Vec<(usize, Option<Shape>)>,
+    ) -> Arc<Batch> {
         if sent.is_empty() {
             return batch;
         }
+        let indexes: Vec<usize> = sent.iter().map(|(index, _)| *index).collect();
         {
             // Registered before the write: the answer may come before the write returns.
             let mut pending = self.pending();
             if pending.closed {
                 drop(pending);
-                for index in sent {
+                for index in indexes {
                     batch.fill(index, Err(CallError::ChannelClosed));
                 }
                 return batch;
             }
-            for &index in &sent {
+            for (index, shape) in sent {
                 let waiting = Waiting {
                     kind,
                     batch: batch.clone(),
                     index,
+                    shape,
                 };
-                pending.calls.insert(first + index as u64, waiting);
+                pending.calls.insert(batch.first + index as u64, waiting);
             }
         }
-        if self.write_all(&bytes).is_err() {
+        if self.write_all(bytes).is_err() {
             // The master is gone (its reader will close the channel), or the stream is broken.
             self.forget(&batch);
-            for index in sent {
+            for index in indexes {
                 batch.fill(index, Err(CallError::ChannelClosed));
             }
         }
@@ -324,10 +464,50 @@ impl Channel {
     /// the wrong kind are ignored.
     pub(super) fn answer(&self, kind: Kind, id: u64, answer: Answer) {
         let waiting = match self.pending().calls.entry(id) {
-            Entry::Occupied(entry) if entry.get().kind == kind => entry.remove(),
+            Entry::Occupied(entry) if entry.get().kind == kind && entry.get().shape.is_none() => {
+                entry.remove()
+            }
             _ => return,
         };
         waiting.batch.fill(waiting.index, answer);
+    }
+
+    /// Hands the replies of a state batch frame (`resp`, for the calls numbered from `first`)
+    /// to their calls; numbers not waiting in a batch are skipped. False when `resp` is not
+    /// replies (then the stream is not the master's).
+    pub(super) fn answer_batch(&self, first: u64, resp: &[u8]) -> bool {
+        let mut replies = Vec::new();
+        let mut at = 0;
+        while at < resp.len() {
+            match resp::read_reply(&resp[at..]) {
+                Ok(Some((reply, len))) => {
+                    replies.push(reply);
+                    at += len;
+                }
+                _ => return false,
+            }
+        }
+        let waiting: Vec<Option<Waiting>> = {
+            let mut pending = self.pending();
+            (first..first + replies.len() as u64)
+                .map(|id| match pending.calls.entry(id) {
+                    Entry::Occupied(entry) if entry.get().shape.is_some() => Some(entry.remove()),
+                    _ => None,
+                })
+                .collect()
+        };
+        for (reply, waiting) in replies.into_iter().zip(waiting) {
+            if let Some(Waiting {
+                batch,
+                index,
+                shape: Some(shape),
+                ..
+            }) = waiting
+            {
+                batch.fill(index, shape.read(reply));
+            }
+        }
+        true
     }
 
     /// Takes the batch's calls still waiting out of [`Pending`]: their answers, should they
