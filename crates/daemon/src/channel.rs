@@ -75,14 +75,18 @@ async fn read_until_closed(
 ) -> Option<String> {
     let (pid, stream) = (conduit.pid(), conduit.stream());
     let mut pending: Vec<u8> = Vec::new();
-    // A small buffer: idle workers cost the daemon little memory, and a worker making many
-    // state calls has them run in groups of a few dozen, so that Redis works on one group while
-    // the master reads the next (larger reads measured slower).
-    let mut chunk = vec![0u8; 4096];
     loop {
         // A worker that does not read what the master writes to it is not read either.
         conduit.room_for(crate::bus::MAX_BACKLOG).await;
-        let n = match receive(stream, &mut chunk).await {
+        // Reads go straight into `pending`: 4 KiB, or what the frame begun needs to be whole.
+        // Small reads keep idle workers cheap and make a worker's JSON state calls run in
+        // groups of a few dozen, Redis working on one group while the master reads the next
+        // (larger reads measured slower); a state batch comes whole in one read.
+        let start = pending.len();
+        let want = frame_rest(&pending).clamp(READ_SIZE, MAX_CHANNEL_FRAME_LEN + 4);
+        pending.resize(start + want, 0);
+        let received = receive(stream, &mut pending[start..]).await;
+        let n = match received {
             Ok(None) => return None,
             Ok(Some((_, fds))) if fds > 0 => {
                 return Some(format!(
@@ -92,12 +96,16 @@ async fn read_until_closed(
             Ok(Some((n, _))) => n,
             Err(problem) => return Some(problem),
         };
-        pending.extend_from_slice(&chunk[..n]);
+        pending.truncate(start + n);
 
         let frames = match drain_frames(&mut pending) {
             Ok(frames) => frames,
             Err(problem) => return Some(problem),
         };
+        // After a large frame, an idle worker's buffer goes back to its usual size.
+        if pending.capacity() > 16 * READ_SIZE && pending.len() < READ_SIZE {
+            pending.shrink_to(2 * READ_SIZE);
+        }
         // The state calls of one read run together: one pipeline, one write of the answers.
         let mut calls = Vec::new();
         for frame in frames {
@@ -137,6 +145,23 @@ async fn read_until_closed(
             bus.state(pid, calls).await;
         }
     }
+}
+
+/// The least a read of a worker's channel asks for.
+const READ_SIZE: usize = 4096;
+
+/// How many bytes the frame at the end of `pending` still lacks (0 when none is begun or its
+/// length is not in yet).
+fn frame_rest(pending: &[u8]) -> usize {
+    let mut at = 0;
+    while pending.len() - at >= 4 {
+        let len = u32::from_be_bytes(pending[at..at + 4].try_into().expect("4 bytes")) as usize;
+        if pending.len() - at - 4 < len {
+            return len + 4 - (pending.len() - at);
+        }
+        at += 4 + len;
+    }
+    0
 }
 
 /// One read from a worker: the bytes read into `chunk` and how many descriptors came (closed at

@@ -9,8 +9,8 @@
 //! caller that gives up (a timeout, a dropped future) takes its numbers out: nothing is left
 //! behind.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -92,12 +92,27 @@ pub(crate) enum Kind {
     State,
 }
 
-/// The calls waiting for an answer, by number.
+/// The calls waiting for an answer: those written as messages by number, those written in
+/// state batch frames by frame.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
     /// The channel closed: no call will be answered.
     closed: bool,
     calls: HashMap<u64, Waiting, BuildHasherDefault<Numbers>>,
+    /// By the number of the frame's first call.
+    frames: BTreeMap<u64, Frame>,
+}
+
+/// The calls of one state batch frame, numbered on from its key in [`Pending::frames`].
+#[derive(Debug)]
+struct Frame {
+    batch: Arc<Batch>,
+    /// The index in `batch` of the frame's first call.
+    index: usize,
+    /// How the reply of each call reads.
+    shapes: Arc<[Shape]>,
+    /// Calls not answered yet (replies come in order, so they are the last ones).
+    left: usize,
 }
 
 /// Hashes call numbers, which are ours and consecutive: a multiplication spreads them, and no
@@ -126,8 +141,6 @@ struct Waiting {
     kind: Kind,
     batch: Arc<Batch>,
     index: usize,
-    /// For a call written in a state batch (RESP), how its reply reads.
-    shape: Option<Shape>,
 }
 
 /// What the reply to a call written in a state batch is, and how it reads as the JSON answer the
@@ -201,6 +214,31 @@ fn write_command(out: &mut Vec<u8>, call: StateCall) -> Result<Shape, StateCall>
     })
 }
 
+/// The calls of a batch that were written, by index: as messages, or in state batch frames (the
+/// index of each frame's first call, and how each of its replies reads).
+#[derive(Debug, Default)]
+struct Sent {
+    all: Vec<usize>,
+    messages: Vec<usize>,
+    frames: Vec<(usize, Vec<Shape>)>,
+}
+
+impl Sent {
+    fn message(&mut self, index: usize) {
+        self.all.push(index);
+        self.messages.push(index);
+    }
+
+    /// Call `index`, in a state batch frame: the first of a new frame, or the next of the last.
+    fn batched(&mut self, index: usize, shape: Shape, new_frame: bool) {
+        self.all.push(index);
+        match self.frames.last_mut() {
+            Some((_, shapes)) if !new_frame => shapes.push(shape),
+            _ => self.frames.push((index, vec![shape])),
+        }
+    }
+}
+
 /// Calls written together, answered one by one, waited for together.
 #[derive(Debug)]
 pub(crate) struct Batch {
@@ -241,15 +279,24 @@ impl Batch {
 
     /// Gives call `index` its answer (the first one given counts).
     fn fill(&self, index: usize, answer: Answer) {
-        let mut state = self.state();
-        if state.answers[index].is_some() {
-            return;
+        self.fill_run(index, std::iter::once(answer));
+    }
+
+    /// Gives calls `index`, `index + 1`, ... their answers (the first one given counts).
+    fn fill_run(&self, index: usize, answers: impl Iterator<Item = Answer>) {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let mut filled = 0;
+        for (slot, answer) in state.answers[index..].iter_mut().zip(answers) {
+            if slot.is_none() {
+                *slot = Some(answer);
+                filled += 1;
+            }
         }
-        state.answers[index] = Some(answer);
-        state.missing -= 1;
-        if state.missing == 0 {
+        state.missing -= filled;
+        if filled > 0 && state.missing == 0 {
             let waker = state.waker.take();
-            drop(state);
+            drop(guard);
             self.done.notify_all();
             if let Some(waker) = waker {
                 waker.wake();
@@ -325,7 +372,7 @@ impl Channel {
         let first = self.numbers(calls.len());
         let batch = Arc::new(Batch::new(first, calls.len()));
         let mut bytes = Vec::with_capacity(calls.len() * 40);
-        let mut sent = Vec::with_capacity(calls.len());
+        let mut sent = Sent::default();
         // The state batch frame being written: where it starts.
         let mut open: Option<usize> = None;
         for (index, call) in calls.into_iter().enumerate() {
@@ -336,7 +383,7 @@ impl Channel {
             match write_command(&mut bytes, call) {
                 Ok(shape) => {
                     if bytes.len() - start - 4 <= MAX_CHANNEL_FRAME_LEN {
-                        sent.push((index, Some(shape)));
+                        sent.batched(index, shape, command_at == start + STATE_BATCH_HEADER_LEN);
                         continue;
                     }
                     // Over the frame's limit: in a frame of its own, if it fits in one at all.
@@ -354,7 +401,7 @@ impl Channel {
                     }
                     open = Some(start_state_batch(&mut bytes, id));
                     bytes.extend_from_slice(&command);
-                    sent.push((index, Some(shape)));
+                    sent.batched(index, shape, true);
                 }
                 Err(call) => {
                     // Not one a batch holds: the batch so far is closed, this goes as JSON.
@@ -363,7 +410,7 @@ impl Channel {
                         finish_state_batch(&mut bytes, start);
                     }
                     match append_frame(&mut bytes, &WorkerMessage::State { id, call }) {
-                        Ok(()) => sent.push((index, None)),
+                        Ok(()) => sent.message(index),
                         Err(error) => batch.fill(index, Err(error)),
                     }
                 }
@@ -407,53 +454,59 @@ impl Channel {
     fn start(&self, kind: Kind, first: u64, messages: &[WorkerMessage]) -> Arc<Batch> {
         let batch = Arc::new(Batch::new(first, messages.len()));
         let mut bytes = Vec::with_capacity(messages.len() * 80);
-        let mut sent = Vec::with_capacity(messages.len());
+        let mut sent = Sent::default();
         for (index, message) in messages.iter().enumerate() {
             match append_frame(&mut bytes, message) {
-                Ok(()) => sent.push((index, None)),
+                Ok(()) => sent.message(index),
                 Err(error) => batch.fill(index, Err(error)),
             }
         }
         self.register_and_write(kind, batch, &bytes, sent)
     }
 
-    /// Registers the calls of `batch` in `sent` (their index, and for those in a state batch
-    /// how their reply reads), then writes `bytes`, their frames.
+    /// Registers the calls of `batch` in `sent`, then writes `bytes`, their frames.
     fn register_and_write(
         &self,
         kind: Kind,
         batch: Arc<Batch>,
         bytes: &[u8],
-        sent: Vec<(usize, Option<Shape>)>,
+        sent: Sent,
     ) -> Arc<Batch> {
-        if sent.is_empty() {
+        if sent.all.is_empty() {
             return batch;
         }
-        let indexes: Vec<usize> = sent.iter().map(|(index, _)| *index).collect();
         {
             // Registered before the write: the answer may come before the write returns.
             let mut pending = self.pending();
             if pending.closed {
                 drop(pending);
-                for index in indexes {
+                for index in sent.all {
                     batch.fill(index, Err(CallError::ChannelClosed));
                 }
                 return batch;
             }
-            for (index, shape) in sent {
+            for &index in &sent.messages {
                 let waiting = Waiting {
                     kind,
                     batch: batch.clone(),
                     index,
-                    shape,
                 };
                 pending.calls.insert(batch.first + index as u64, waiting);
+            }
+            for (index, shapes) in sent.frames {
+                let frame = Frame {
+                    batch: batch.clone(),
+                    index,
+                    left: shapes.len(),
+                    shapes: shapes.into(),
+                };
+                pending.frames.insert(batch.first + index as u64, frame);
             }
         }
         if self.write_all(bytes).is_err() {
             // The master is gone (its reader will close the channel), or the stream is broken.
             self.forget(&batch);
-            for index in indexes {
+            for index in sent.all {
                 batch.fill(index, Err(CallError::ChannelClosed));
             }
         }
@@ -464,17 +517,15 @@ impl Channel {
     /// the wrong kind are ignored.
     pub(super) fn answer(&self, kind: Kind, id: u64, answer: Answer) {
         let waiting = match self.pending().calls.entry(id) {
-            Entry::Occupied(entry) if entry.get().kind == kind && entry.get().shape.is_none() => {
-                entry.remove()
-            }
+            Entry::Occupied(entry) if entry.get().kind == kind => entry.remove(),
             _ => return,
         };
         waiting.batch.fill(waiting.index, answer);
     }
 
     /// Hands the replies of a state batch frame (`resp`, for the calls numbered from `first`)
-    /// to their calls; numbers not waiting in a batch are skipped. False when `resp` is not
-    /// replies (then the stream is not the master's).
+    /// to their calls; replies to calls not waiting (given up on) are skipped. False when
+    /// `resp` is not replies (then the stream is not the master's).
     pub(super) fn answer_batch(&self, first: u64, resp: &[u8]) -> bool {
         let mut replies = Vec::new();
         let mut at = 0;
@@ -487,25 +538,37 @@ impl Channel {
                 _ => return false,
             }
         }
-        let waiting: Vec<Option<Waiting>> = {
-            let mut pending = self.pending();
-            (first..first + replies.len() as u64)
-                .map(|id| match pending.calls.entry(id) {
-                    Entry::Occupied(entry) if entry.get().shape.is_some() => Some(entry.remove()),
+        let mut replies = &replies[..];
+        let mut id = first;
+        while !replies.is_empty() {
+            // The frame of call `id`, and how many of the replies are its.
+            let found = {
+                let mut pending = self.pending();
+                let frame = pending.frames.range_mut(..=id).next_back();
+                match frame {
+                    Some((&start, frame)) if id - start < frame.shapes.len() as u64 => {
+                        let offset = (id - start) as usize;
+                        let count = replies.len().min(frame.shapes.len() - offset);
+                        let found = (frame.batch.clone(), frame.index, frame.shapes.clone());
+                        frame.left = frame.left.saturating_sub(count);
+                        if frame.left == 0 {
+                            pending.frames.remove(&start);
+                        }
+                        Some((found, offset, count))
+                    }
                     _ => None,
-                })
-                .collect()
-        };
-        for (reply, waiting) in replies.into_iter().zip(waiting) {
-            if let Some(Waiting {
-                batch,
-                index,
-                shape: Some(shape),
-                ..
-            }) = waiting
-            {
-                batch.fill(index, shape.read(reply));
-            }
+                }
+            };
+            let Some(((batch, index, shapes), offset, count)) = found else {
+                (replies, id) = (&replies[1..], id + 1);
+                continue;
+            };
+            let answers = replies[..count]
+                .iter()
+                .zip(&shapes[offset..])
+                .map(|(reply, shape)| shape.read(*reply));
+            batch.fill_run(index + offset, answers);
+            (replies, id) = (&replies[count..], id + count as u64);
         }
         true
     }
@@ -513,25 +576,40 @@ impl Channel {
     /// Takes the batch's calls still waiting out of [`Pending`]: their answers, should they
     /// come, will be ignored.
     fn forget(&self, batch: &Batch) {
-        let len = batch.len();
+        let len = batch.len() as u64;
         let mut pending = self.pending();
-        for id in batch.first..batch.first + len as u64 {
+        for id in batch.first..batch.first + len {
             pending.calls.remove(&id);
+        }
+        let frames: Vec<u64> = pending
+            .frames
+            .range(batch.first..batch.first + len)
+            .map(|(&start, _)| start)
+            .collect();
+        for start in frames {
+            pending.frames.remove(&start);
         }
     }
 
     /// The channel closed: every waiting call, and every later one, gets
     /// [`CallError::ChannelClosed`].
     pub(super) fn fail_pending(&self) {
-        let waiting: Vec<Waiting> = {
+        let (waiting, frames): (Vec<Waiting>, Vec<Frame>) = {
             let mut pending = self.pending();
             pending.closed = true;
-            pending.calls.drain().map(|(_, waiting)| waiting).collect()
+            let frames = std::mem::take(&mut pending.frames).into_values().collect();
+            (pending.calls.drain().map(|(_, w)| w).collect(), frames)
         };
         for waiting in waiting {
             waiting
                 .batch
                 .fill(waiting.index, Err(CallError::ChannelClosed));
+        }
+        for frame in frames {
+            let closed = std::iter::repeat_with(|| Err(CallError::ChannelClosed));
+            frame
+                .batch
+                .fill_run(frame.index, closed.take(frame.shapes.len()));
         }
     }
 
@@ -547,7 +625,8 @@ impl Channel {
     /// The number of calls waiting for an answer.
     #[cfg(test)]
     pub(crate) fn pending_len(&self) -> usize {
-        self.pending().calls.len()
+        let pending = self.pending();
+        pending.calls.len() + pending.frames.values().map(|f| f.left).sum::<usize>()
     }
 }
 
