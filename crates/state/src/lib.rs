@@ -15,7 +15,8 @@
 //!   times (Unix milliseconds), so a key's TTL keeps running while the daemon is down.
 //! - **Redis** ([`Store::redis`]): `redis://host:port/db` or `redis://:password@host:port/db`.
 //!   Commands go over one multiplexed, auto-reconnecting connection; pattern subscriptions use a
-//!   second connection driven by a task. Keys and channels are used exactly as given, with no
+//!   second connection driven by a task; workers' [`Batch`]es of RESP commands pass through a
+//!   third, unread, in [`Store::forward`]. Keys and channels are used exactly as given, with no
 //!   prefix: **the database number in the URL is the namespace**, so give each app (or each
 //!   corral installation) its own db, or its own Redis. Pub/sub in Redis is not scoped by
 //!   database, so channel names are shared by everything on that Redis server.

@@ -6,6 +6,10 @@
 //! call during an outage fails fast with [`StateError::Unavailable`] and the first call after
 //! Redis is back reconnects.
 //!
+//! Workers' batches of RESP commands go through a third connection, the [`crate::link::Link`],
+//! as they came: the master reads neither the commands (beyond checking them, in
+//! [`crate::Batch`]) nor Redis's replies.
+//!
 //! Pattern subscriptions live on a second connection owned by the [`Subscriber`] task, which
 //! alone knows the set of patterns. Callers talk to it over a channel. While the connection is
 //! up it forwards messages; when it breaks it reports `Disconnected`, reconnects with
