@@ -484,18 +484,12 @@ fn the_agent_starts_first_answers_requests_and_stops_last() {
     home.ok(&["delete", "all"]);
 }
 
-/// Speaks corral's channel in Python. As the agent (`CORRAL_ROLE=agent`) it says ready only once
-/// it gets a message (the test's `corral send`), printing `agent <pid> waiting` then `agent <pid>
-/// ready`; as a worker it says ready at once and prints `worker <pid> up`. Both then read their
-/// channel until it closes.
-const CHANNEL_PY: &str = r#"
-import json, os, socket, struct
+/// What the Python programs below that speak the channel themselves begin with: the channel,
+/// and `exactly(n)`, its next `n` bytes (exiting when it closes).
+const CHANNEL_PRELUDE_PY: &str = r#"
+import os, socket, struct
 
 channel = socket.socket(fileno=int(os.environ["CORRAL_CHANNEL_FD"]))
-
-def send(message):
-    body = json.dumps(message).encode()
-    channel.sendall(struct.pack(">I", len(body)) + body)
 
 def exactly(n):
     data = b""
@@ -505,6 +499,23 @@ def exactly(n):
             raise SystemExit(0)
         data += more
     return data
+"#;
+
+/// A Python program of `body` after [`CHANNEL_PRELUDE_PY`].
+fn channel_py(body: &str) -> String {
+    format!("{CHANNEL_PRELUDE_PY}{body}")
+}
+
+/// Speaks corral's channel in Python. As the agent (`CORRAL_ROLE=agent`) it says ready only once
+/// it gets a message (the test's `corral send`), printing `agent <pid> waiting` then `agent <pid>
+/// ready`; as a worker it says ready at once and prints `worker <pid> up`. Both then read their
+/// channel until it closes.
+const CHANNEL_PY: &str = r#"
+import json
+
+def send(message):
+    body = json.dumps(message).encode()
+    channel.sendall(struct.pack(">I", len(body)) + body)
 
 def receive():
     return json.loads(exactly(struct.unpack(">I", exactly(4))[0]))
@@ -526,8 +537,8 @@ while True:
 #[test]
 fn workers_that_crash_while_the_agent_is_down_wait_for_it_to_be_back() {
     let home = Home::new();
-    let worker = home.file("worker.py", CHANNEL_PY);
-    let agent = home.file("agent.py", CHANNEL_PY);
+    let worker = home.file("worker.py", &channel_py(CHANNEL_PY));
+    let agent = home.file("agent.py", &channel_py(CHANNEL_PY));
     home.ok(&[
         "start",
         arg(&worker),
@@ -607,9 +618,6 @@ fn workers_that_crash_while_the_agent_is_down_wait_for_it_to_be_back() {
 /// A worker speaking the channel itself: one state batch of allowed and refused commands, each
 /// reply printed as `reply <number> <reply>`, then a batch that is not RESP.
 const BATCH_PY: &str = r#"
-import os, socket, struct
-
-channel = socket.socket(fileno=int(os.environ["CORRAL_CHANNEL_FD"]))
 
 def command(*args):
     out = b"*%d\r\n" % len(args)
@@ -621,15 +629,6 @@ def command(*args):
 def batch(first, resp):
     body = b"R" + struct.pack(">Q", first) + resp
     return struct.pack(">I", len(body)) + body
-
-def exactly(n):
-    data = b""
-    while len(data) < n:
-        more = channel.recv(n - len(data))
-        if not more:
-            raise SystemExit(0)
-        data += more
-    return data
 
 def replies(resp):
     """Splits RESP replies (no arrays here) into their lines."""
@@ -675,7 +674,7 @@ while True:
 /// batch that is not RESP ends the worker, not the daemon.
 fn batches_run_allowed_calls_and_refuse_the_rest(state_args: &[&str]) {
     let home = Home::new();
-    let script = home.file("batch.py", BATCH_PY);
+    let script = home.file("batch.py", &channel_py(BATCH_PY));
     let mut args = vec!["start", arg(&script), "-n", "batch", "--no-autorestart"];
     args.extend_from_slice(state_args);
     home.ok(&args);
