@@ -106,7 +106,7 @@ impl<'a> Command<'a> {
 /// Reads the command at the front of `bytes`: it and the bytes it takes, `None` when it is not
 /// all there yet. A command of more than [`MAX_ARGS`] arguments, or of none, is refused.
 pub fn read_command(bytes: &[u8]) -> Result<Option<(Command<'_>, usize)>, Malformed> {
-    let Some((count, mut at)) = line_number(bytes, 0, b'*')? else {
+    let Some((count, mut at)) = line_number(bytes, 0, b'*', Numbers::Canonical)? else {
         return Ok(None);
     };
     let Ok(count @ 1..=MAX_ARGS) = usize::try_from(count) else {
@@ -117,7 +117,7 @@ pub fn read_command(bytes: &[u8]) -> Result<Option<(Command<'_>, usize)>, Malfor
         len: count,
     };
     for arg in &mut command.args[..count] {
-        let Some((value, next)) = bulk_at(bytes, at)? else {
+        let Some((value, next)) = bulk_at(bytes, at, Numbers::Canonical)? else {
             return Ok(None);
         };
         let Some(value) = value else {
@@ -187,9 +187,11 @@ fn element(bytes: &[u8], at: usize) -> Result<Option<(Reply<'_>, usize)>, Malfor
             };
             (reply, next)
         }),
-        b':' => line_number(bytes, at, b':')?.map(|(n, next)| (Reply::Integer(n), next)),
-        b'$' => bulk_at(bytes, at)?.map(|(value, next)| (Reply::Bulk(value), next)),
-        b'*' => match line_number(bytes, at, b'*')? {
+        b':' => {
+            line_number(bytes, at, b':', Numbers::Any)?.map(|(n, next)| (Reply::Integer(n), next))
+        }
+        b'$' => bulk_at(bytes, at, Numbers::Any)?.map(|(value, next)| (Reply::Bulk(value), next)),
+        b'*' => match line_number(bytes, at, b'*', Numbers::Any)? {
             None => None,
             Some((-1, next)) => Some((Reply::Array(None), next)),
             Some((n, next)) => match usize::try_from(n) {
@@ -205,8 +207,12 @@ fn element(bytes: &[u8], at: usize) -> Result<Option<(Reply<'_>, usize)>, Malfor
 type Bulk<'a> = Option<&'a [u8]>;
 
 /// A bulk string at `at`: its bytes (`None` for nil) and where the next element starts.
-fn bulk_at(bytes: &[u8], at: usize) -> Result<Option<(Bulk<'_>, usize)>, Malformed> {
-    let Some((len, start)) = line_number(bytes, at, b'$')? else {
+fn bulk_at(
+    bytes: &[u8],
+    at: usize,
+    numbers: Numbers,
+) -> Result<Option<(Bulk<'_>, usize)>, Malformed> {
+    let Some((len, start)) = line_number(bytes, at, b'$', numbers)? else {
         return Ok(None);
     };
     if len == -1 {
@@ -225,8 +231,24 @@ fn bulk_at(bytes: &[u8], at: usize) -> Result<Option<(Bulk<'_>, usize)>, Malform
     Ok(Some((Some(&bytes[start..end]), end + 2)))
 }
 
+/// Which numbers are taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Numbers {
+    /// Any decimal of at most 18 digits, negative ones too (replies).
+    Any,
+    /// Only as Redis writes and reads them in a command: not negative, no leading zero. A
+    /// length Redis would not read (`$03`) makes it close the connection, which would fail
+    /// every other worker's calls on it; such a command is refused here instead.
+    Canonical,
+}
+
 /// `kind` at `at`, then a decimal number and `\r\n`: the number and where the next starts.
-fn line_number(bytes: &[u8], at: usize, kind: u8) -> Result<Option<(i64, usize)>, Malformed> {
+fn line_number(
+    bytes: &[u8],
+    at: usize,
+    kind: u8,
+    numbers: Numbers,
+) -> Result<Option<(i64, usize)>, Malformed> {
     match bytes.get(at) {
         None => return Ok(None),
         Some(&b) if b != kind => return malformed(at, "another kind of element"),
@@ -234,9 +256,15 @@ fn line_number(bytes: &[u8], at: usize, kind: u8) -> Result<Option<(i64, usize)>
     }
     // One pass: the digits are read as they are looked for.
     let mut i = at + 1;
-    let negative = bytes.get(i) == Some(&b'-');
+    let negative = bytes.get(i) == Some(&b'-') && numbers == Numbers::Any;
     if negative {
         i += 1;
+    }
+    if numbers == Numbers::Canonical
+        && bytes.get(i) == Some(&b'0')
+        && bytes.get(i + 1).is_some_and(u8::is_ascii_digit)
+    {
+        return malformed(at + 1, "a length without a leading zero");
     }
     let (digits_at, mut n) = (i, 0i64);
     loop {
@@ -322,12 +350,15 @@ mod tests {
             (b"*0\r\n", 1),
             (b"*9\r\n", 1),
             (b"*-1\r\n", 1),
-            (b"*1\r\n$-1\r\n", 4),
+            (b"*1\r\n$-1\r\n", 5),
             (b"*1\r\n:1\r\n", 4),
             (b"*1\r\n$3\r\nGETxx", 11),
             (b"*x\r\n", 1),
             (b"*1\rx", 3),
             (b"*1\r\n$99999999999999999999\r\n", 5),
+            (b"*02\r\n", 1),
+            (b"*1\r\n$03\r\nGET\r\n", 5),
+            (b"*1\r\n$-0\r\n\r\n", 5),
         ] {
             let Err(e) = read_command(bytes) else {
                 panic!("{:?} was taken", String::from_utf8_lossy(bytes));

@@ -186,9 +186,10 @@ fn call<'a>(args: &[&'a [u8]]) -> Result<Call<'a>, StateError> {
         Ok::<_, StateError>(value)
     };
     let number = |arg: &'a [u8]| {
-        text(arg)?.parse::<i64>().map_err(|_| StateError::Refused {
+        decimal(arg).ok_or_else(|| StateError::Refused {
             reason: format!(
-                "{:?} is not a decimal 64-bit integer",
+                "{:?} is not a decimal 64-bit integer written plainly (no sign but -, no leading \
+                 zero)",
                 String::from_utf8_lossy(arg)
             ),
         })
@@ -217,4 +218,43 @@ fn call<'a>(args: &[&'a [u8]]) -> Result<Call<'a>, StateError> {
             });
         }
     })
+}
+
+/// `arg` as a 64-bit integer when it is written as Redis writes one (and so reads it the same):
+/// digits, a `-` before them but not before 0, no leading zero.
+fn decimal(arg: &[u8]) -> Option<i64> {
+    let digits = arg.strip_prefix(b"-").unwrap_or(arg);
+    let plain = match digits {
+        [b'0'] => digits.len() == arg.len(),
+        [] | [b'0', ..] => false,
+        _ => digits.iter().all(u8::is_ascii_digit),
+    };
+    if !plain {
+        return None;
+    }
+    std::str::from_utf8(arg).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_taken_only_as_redis_writes_them() {
+        for (arg, n) in [("0", Some(0)), ("42", Some(42)), ("-7", Some(-7))] {
+            assert_eq!(decimal(arg.as_bytes()), n, "{arg}");
+        }
+        for arg in [
+            "",
+            "-",
+            "-0",
+            "+5",
+            "007",
+            "1e3",
+            " 1",
+            "99999999999999999999",
+        ] {
+            assert_eq!(decimal(arg.as_bytes()), None, "{arg}");
+        }
+    }
 }
