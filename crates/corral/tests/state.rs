@@ -285,10 +285,17 @@ def frame(message):
 
 channel.sendall(frame({"type": "state", "id": 0,
                        "call": {"op": "set", "key": "big", "value": "x" * 100000}}))
+def gets(first):
+    """100 gets of the big value: state messages, or with FLOOD=batch one state batch."""
+    if os.environ.get("FLOOD") == "batch":
+        body = b"R" + struct.pack(">Q", first) + b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 100
+        return struct.pack(">I", len(body)) + body
+    return b"".join(frame({"type": "state", "id": first + i,
+                           "call": {"op": "get", "key": "big"}}) for i in range(100))
+
 sent = 0
 while sent < 20000:
-    calls = b"".join(frame({"type": "state", "id": sent + 1 + i,
-                            "call": {"op": "get", "key": "big"}}) for i in range(100))
+    calls = gets(sent + 1)
     try:
         channel.sendall(calls)
     except socket.timeout:
@@ -317,9 +324,29 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_worker_flooding_the_state_without_reading_is_held_back_and_harms_no_one() {
+    flood_is_held_back("messages");
+}
+
+#[test]
+fn a_worker_flooding_state_batches_without_reading_is_held_back_too() {
+    flood_is_held_back("batch");
+}
+
+/// A worker asks for 100 KB values over and over and reads none of the answers, as state
+/// messages or (`mode` "batch") in state batches.
+fn flood_is_held_back(mode: &str) {
     let home = Home::new();
     let flood = home.file("flood.py", STATE_FLOOD_PY);
-    home.ok(&["start", arg(&flood), "-n", "flood", "--no-autorestart"]);
+    let mode = format!("FLOOD={mode}");
+    home.ok(&[
+        "start",
+        arg(&flood),
+        "-n",
+        "flood",
+        "--no-autorestart",
+        "-e",
+        &mode,
+    ]);
     let log = home.wait_log("flood", 0, "out", "held back after");
     let daemon = home.daemon_pid().expect("the daemon's pid");
     // Held: 256 calls of 100 KB answers at most, 8 MiB unread, the socket buffers: about 40 MiB

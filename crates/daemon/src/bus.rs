@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use corral_proto::channel::{
-    DEFAULT_REQUEST_TIMEOUT_MS, MAX_CHANNEL_FRAME_LEN, MasterMessage, STATE_BATCH_HEADER_LEN,
-    StateCall, Target, finish_state_batch, start_state_batch,
+    DEFAULT_REQUEST_TIMEOUT_MS, MAX_CHANNEL_FRAME_LEN, MAX_STATE_BATCH, MasterMessage,
+    STATE_BATCH_HEADER_LEN, StateCall, Target, finish_state_batch, start_state_batch,
 };
 use corral_proto::resp;
 use corral_proto::{ErrorKind, Response, StateBackend};
@@ -33,6 +33,7 @@ use crate::balance::{Codec, Conduit};
 /// State calls one member may have running at once (their answers, up to 512 KiB each, are
 /// what a worker that does not read its channel can make the master hold).
 pub const MAX_CALLS_IN_FLIGHT: usize = 256;
+const _: () = assert!(corral_proto::channel::MAX_STATE_BATCH <= MAX_CALLS_IN_FLIGHT);
 /// Bytes waiting for a member beyond which messages and publications to it are refused.
 pub const MAX_BACKLOG: usize = 8 * 1024 * 1024;
 /// The longest a request may wait for its answer.
@@ -545,6 +546,12 @@ impl Bus {
         if batch.is_empty() {
             return Ok(());
         }
+        if batch.len() > MAX_STATE_BATCH {
+            return Err(format!(
+                "it sent a state batch of {} calls; the limit is {MAX_STATE_BATCH}",
+                batch.len()
+            ));
+        }
         let Some((slots, conduit, backend)) = lock(&self.inner)
             .members
             .get(&pid)
@@ -552,7 +559,7 @@ impl Bus {
         else {
             return Ok(());
         };
-        let wanted = u32::try_from(batch.len().min(MAX_CALLS_IN_FLIGHT)).unwrap_or(1);
+        let wanted = u32::try_from(batch.len()).expect("at most MAX_STATE_BATCH");
         let Ok(permit) = slots.acquire_many_owned(wanted).await else {
             return Ok(());
         };

@@ -280,10 +280,13 @@ pub enum MasterMessage {
 /// The first byte of a state batch frame: key/value calls in RESP rather than JSON, so that the
 /// master can hand them to Redis as they are ([`crate::resp`]). The body is this byte, the
 /// number of the first call (8 bytes, big-endian), then RESP commands, the calls numbered on
-/// from the first. The master answers with frames of the same shape holding one reply per call,
+/// from the first, at most [`MAX_STATE_BATCH`] of them. The master answers with frames of the same shape holding one reply per call,
 /// in order; it may split them over several frames, each numbered by its first reply's call.
 /// A JSON body starts with `{`, never with this byte.
 pub const STATE_BATCH: u8 = b'R';
+
+/// The most calls a state batch frame may hold (a worker with more writes several frames).
+pub const MAX_STATE_BATCH: usize = 256;
 
 /// Bytes of a state batch frame before its RESP, the length prefix included.
 pub const STATE_BATCH_HEADER_LEN: usize = 4 + 1 + 8;

@@ -609,7 +609,8 @@ pub(crate) mod testing {
     use std::collections::{HashMap, VecDeque};
 
     use corral_proto::channel::{
-        StateCall, WorkerMessage, finish_state_batch, read_state_batch, start_state_batch,
+        MAX_STATE_BATCH, StateCall, WorkerMessage, finish_state_batch, read_state_batch,
+        start_state_batch,
     };
     use corral_proto::resp;
 
@@ -687,6 +688,11 @@ pub(crate) mod testing {
             commands = &commands[len..];
             id += 1;
         }
+        assert!(
+            id - first <= MAX_STATE_BATCH as u64,
+            "{} calls in a frame",
+            id - first
+        );
         read_call(master)
     }
 

@@ -20,8 +20,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use corral_proto::channel::{
-    MAX_CHANNEL_FRAME_LEN, STATE_BATCH_HEADER_LEN, StateCall, WorkerMessage, finish_state_batch,
-    start_state_batch,
+    MAX_CHANNEL_FRAME_LEN, MAX_STATE_BATCH, STATE_BATCH_HEADER_LEN, StateCall, WorkerMessage,
+    finish_state_batch, start_state_batch,
 };
 use corral_proto::resp::{self, Reply};
 use serde_json::Value;
@@ -373,17 +373,26 @@ impl Channel {
         let batch = Arc::new(Batch::new(first, calls.len()));
         let mut bytes = Vec::with_capacity(calls.len() * 40);
         let mut sent = Sent::default();
-        // The state batch frame being written: where it starts.
+        // The state batch frame being written: where it starts, and how many calls it holds.
         let mut open: Option<usize> = None;
+        let mut held = 0;
         for (index, call) in calls.into_iter().enumerate() {
             let id = first + index as u64;
             let at = bytes.len();
+            if held == MAX_STATE_BATCH {
+                if let Some(start) = open.take() {
+                    finish_state_batch(&mut bytes, start);
+                }
+                held = 0;
+            }
             let start = *open.get_or_insert_with(|| start_state_batch(&mut bytes, id));
             let command_at = bytes.len();
             match write_command(&mut bytes, call) {
                 Ok(shape) => {
                     if bytes.len() - start - 4 <= MAX_CHANNEL_FRAME_LEN {
-                        sent.batched(index, shape, command_at == start + STATE_BATCH_HEADER_LEN);
+                        let first_of_frame = command_at == start + STATE_BATCH_HEADER_LEN;
+                        sent.batched(index, shape, first_of_frame);
+                        held = if first_of_frame { 1 } else { held + 1 };
                         continue;
                     }
                     // Over the frame's limit: in a frame of its own, if it fits in one at all.
@@ -402,6 +411,7 @@ impl Channel {
                     open = Some(start_state_batch(&mut bytes, id));
                     bytes.extend_from_slice(&command);
                     sent.batched(index, shape, true);
+                    held = 1;
                 }
                 Err(call) => {
                     // Not one a batch holds: the batch so far is closed, this goes as JSON.
