@@ -930,6 +930,19 @@ fn two_daemons_share_keys_and_channels_through_redis_and_survive_its_restart() {
             }
         },
     );
+    // B's pass-through connection, broken by the restart, is made again for new batches.
+    start_rust(
+        &b,
+        "after",
+        &[
+            ("STATE_MODE", "count"),
+            ("STATE_KEY", "after"),
+            ("STATE_INCRS", "300"),
+        ],
+        &["--state", &url],
+    );
+    b.wait_log("after", 0, "out", "counted 300");
+    assert_eq!(state(&a, &["get", "after"]), "300");
     a.ok(&["delete", "all"]);
     b.ok(&["delete", "all"]);
 }
