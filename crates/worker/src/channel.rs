@@ -609,8 +609,8 @@ pub(crate) mod testing {
     use std::collections::{HashMap, VecDeque};
 
     use corral_proto::channel::{
-        MAX_STATE_BATCH, StateCall, WorkerMessage, finish_state_batch, read_state_batch,
-        start_state_batch,
+        MAX_CHANNEL_FRAME_LEN, MAX_STATE_BATCH, StateCall, WorkerMessage, finish_state_batch,
+        read_state_batch, start_state_batch,
     };
     use corral_proto::resp;
 
@@ -654,7 +654,9 @@ pub(crate) mod testing {
     fn read_body(mut master: &UnixStream) -> Vec<u8> {
         let mut len = [0u8; 4];
         master.read_exact(&mut len).unwrap();
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        let len = u32::from_be_bytes(len) as usize;
+        assert!(len <= MAX_CHANNEL_FRAME_LEN, "a frame of {len} bytes");
+        let mut body = vec![0u8; len];
         master.read_exact(&mut body).unwrap();
         body
     }

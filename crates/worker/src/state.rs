@@ -415,6 +415,72 @@ mod tests {
     }
 
     #[test]
+    fn batches_split_around_other_calls_and_the_frame_limit_and_answers_find_their_calls() {
+        let (channel, master) = channel();
+        let state = State::on(Some(channel));
+        let big = |key: &str| StateCall::Set {
+            key: key.into(),
+            value: "x".repeat(600 * 1024),
+            ttl_ms: None,
+        };
+        let calls = vec![
+            StateCall::Get { key: "a".into() },
+            StateCall::Keys {
+                pattern: "*".into(),
+            },
+            big("big1"),
+            // Over the frame limit with big1: in a frame of its own.
+            big("big2"),
+            StateCall::Set {
+                key: "huge".into(),
+                value: "x".repeat(2 * 1024 * 1024),
+                ttl_ms: None,
+            },
+            StateCall::Incr {
+                key: "c".into(),
+                by: 2,
+            },
+        ];
+        let caller = thread::spawn(move || state.call_many(calls));
+        let mut read: Vec<(u64, StateCall)> = (0..5).map(|_| read_call(&master)).collect();
+        let keys: Vec<String> = read
+            .iter()
+            .map(|(_, call)| match call {
+                StateCall::Get { key }
+                | StateCall::Set { key, .. }
+                | StateCall::Incr { key, .. } => key.clone(),
+                StateCall::Keys { pattern } => pattern.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(keys, ["a", "*", "big1", "big2", "c"]);
+        read.reverse();
+        for (id, call) in read {
+            let ok = match call {
+                StateCall::Get { .. } => json!("A"),
+                StateCall::Keys { .. } => json!(["a"]),
+                StateCall::Set { .. } => json!(true),
+                _ => json!(7),
+            };
+            answer(&master, id, &ok);
+        }
+        let answers = caller.join().unwrap();
+        assert_eq!(answers[0], Ok(json!("A")));
+        assert_eq!(answers[1], Ok(json!(["a"])));
+        assert_eq!(
+            (&answers[2], &answers[3]),
+            (&Ok(json!(true)), &Ok(json!(true)))
+        );
+        assert!(
+            matches!(answers[4], Err(CallError::TooLarge { .. })),
+            "{:?}",
+            answers[4]
+        );
+        assert_eq!(answers[5], Ok(json!(7)));
+        assert_eq!(channel.pending_len(), 0);
+    }
+
+    #[test]
     fn an_oversized_call_is_refused_and_the_others_go() {
         let (channel, master) = channel();
         let state = State::on(Some(channel));

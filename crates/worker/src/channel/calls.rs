@@ -239,6 +239,100 @@ impl Sent {
     }
 }
 
+/// Frames of state calls being written into one buffer: state batch frames, and `state`
+/// messages (for the calls a batch does not hold) between them.
+#[derive(Debug)]
+struct Frames {
+    bytes: Vec<u8>,
+    /// The batch frame being written: where it starts, and how many calls it holds.
+    open: Option<(usize, usize)>,
+}
+
+/// What became of a call given to [`Frames::command`].
+enum Written {
+    /// It is in a batch frame, the first of it when `new_frame`.
+    Batched { shape: Shape, new_frame: bool },
+    /// A batch does not hold it: here it is back.
+    NotBatched(StateCall),
+    /// It is over the frame limit even alone.
+    TooLarge(CallError),
+}
+
+impl Frames {
+    fn with_capacity(capacity: usize) -> Frames {
+        Frames {
+            bytes: Vec::with_capacity(capacity),
+            open: None,
+        }
+    }
+
+    /// Writes call `id` into the batch frame being written; into a new one when there is none,
+    /// it is full, or the call would take it over the frame limit.
+    fn command(&mut self, id: u64, call: StateCall) -> Written {
+        if self.open.is_some_and(|(_, held)| held == MAX_STATE_BATCH) {
+            self.close();
+        }
+        let at = self.bytes.len();
+        let new_frame = self.open.is_none();
+        let (start, held) = *self
+            .open
+            .get_or_insert_with(|| (start_state_batch(&mut self.bytes, id), 0));
+        let command_at = self.bytes.len();
+        let shape = match write_command(&mut self.bytes, call) {
+            Ok(shape) => shape,
+            Err(call) => {
+                self.bytes.truncate(at);
+                if new_frame {
+                    self.open = None;
+                }
+                return Written::NotBatched(call);
+            }
+        };
+        if self.bytes.len() - start - 4 <= MAX_CHANNEL_FRAME_LEN {
+            self.open = Some((start, held + 1));
+            return Written::Batched { shape, new_frame };
+        }
+        // Over the limit: the call goes alone in a frame of its own, if it fits in one at all.
+        let command = self.bytes.split_off(command_at);
+        self.bytes.truncate(at);
+        if new_frame {
+            self.open = None;
+        } else {
+            self.close();
+        }
+        let len = STATE_BATCH_HEADER_LEN - 4 + command.len();
+        if len > MAX_CHANNEL_FRAME_LEN {
+            let max = MAX_CHANNEL_FRAME_LEN;
+            return Written::TooLarge(CallError::TooLarge { len, max });
+        }
+        self.open = Some((start_state_batch(&mut self.bytes, id), 1));
+        self.bytes.extend_from_slice(&command);
+        Written::Batched {
+            shape,
+            new_frame: true,
+        }
+    }
+
+    /// Writes call `id` as a `state` message, after the batch frame being written.
+    fn message(&mut self, id: u64, call: StateCall) -> Result<(), CallError> {
+        self.close();
+        append_frame(&mut self.bytes, &WorkerMessage::State { id, call })
+    }
+
+    /// Ends the batch frame being written.
+    fn close(&mut self) {
+        if let Some((start, _)) = self.open.take() {
+            finish_state_batch(&mut self.bytes, start);
+        }
+    }
+
+    /// All the frames, written.
+    fn finish(mut self) -> Vec<u8> {
+        self.close();
+        self.bytes
+    }
+}
+
 /// Calls written together, answered one by one, waited for together.
 #[derive(Debug)]
 pub(crate) struct Batch {
@@ -371,69 +465,24 @@ impl Channel {
     pub(crate) fn call_state(&self, calls: Vec<StateCall>) -> Arc<Batch> {
         let first = self.numbers(calls.len());
         let batch = Arc::new(Batch::new(first, calls.len()));
-        let mut bytes = Vec::with_capacity(calls.len() * 40);
+        let mut frames = Frames::with_capacity(calls.len() * 40);
         let mut sent = Sent::default();
-        // The state batch frame being written: where it starts, and how many calls it holds.
-        let mut open: Option<usize> = None;
-        let mut held = 0;
         for (index, call) in calls.into_iter().enumerate() {
             let id = first + index as u64;
-            let at = bytes.len();
-            if held == MAX_STATE_BATCH {
-                if let Some(start) = open.take() {
-                    finish_state_batch(&mut bytes, start);
+            let written = match frames.command(id, call) {
+                Written::Batched { shape, new_frame } => {
+                    sent.batched(index, shape, new_frame);
+                    continue;
                 }
-                held = 0;
-            }
-            let start = *open.get_or_insert_with(|| start_state_batch(&mut bytes, id));
-            let command_at = bytes.len();
-            match write_command(&mut bytes, call) {
-                Ok(shape) => {
-                    if bytes.len() - start - 4 <= MAX_CHANNEL_FRAME_LEN {
-                        let first_of_frame = command_at == start + STATE_BATCH_HEADER_LEN;
-                        sent.batched(index, shape, first_of_frame);
-                        held = if first_of_frame { 1 } else { held + 1 };
-                        continue;
-                    }
-                    // Over the frame's limit: in a frame of its own, if it fits in one at all.
-                    let command = bytes.split_off(command_at);
-                    bytes.truncate(at);
-                    if command_at > start + STATE_BATCH_HEADER_LEN {
-                        finish_state_batch(&mut bytes, start);
-                    }
-                    let len = STATE_BATCH_HEADER_LEN - 4 + command.len();
-                    if len > MAX_CHANNEL_FRAME_LEN {
-                        open = None;
-                        let max = MAX_CHANNEL_FRAME_LEN;
-                        batch.fill(index, Err(CallError::TooLarge { len, max }));
-                        continue;
-                    }
-                    open = Some(start_state_batch(&mut bytes, id));
-                    bytes.extend_from_slice(&command);
-                    sent.batched(index, shape, true);
-                    held = 1;
-                }
-                Err(call) => {
-                    // Not one a batch holds: the batch so far is closed, this goes as JSON.
-                    bytes.truncate(at);
-                    if let Some(start) = open.take().filter(|&start| start < at) {
-                        finish_state_batch(&mut bytes, start);
-                    }
-                    match append_frame(&mut bytes, &WorkerMessage::State { id, call }) {
-                        Ok(()) => sent.message(index),
-                        Err(error) => batch.fill(index, Err(error)),
-                    }
-                }
+                Written::NotBatched(call) => frames.message(id, call),
+                Written::TooLarge(error) => Err(error),
+            };
+            match written {
+                Ok(()) => sent.message(index),
+                Err(error) => batch.fill(index, Err(error)),
             }
         }
-        if let Some(start) = open {
-            if bytes.len() > start + STATE_BATCH_HEADER_LEN {
-                finish_state_batch(&mut bytes, start);
-            } else {
-                bytes.truncate(start);
-            }
-        }
-        self.register_and_write(Kind::State, batch, &bytes, sent)
+        self.register_and_write(Kind::State, batch, &frames.finish(), sent)
     }
 
     /// Writes a message on the bus (a request when `request` gives its timeout) and registers
