@@ -285,6 +285,42 @@ pub enum MasterMessage {
 /// A JSON body starts with `{`, never with this byte.
 pub const STATE_BATCH: u8 = b'R';
 
+/// What corral says when a state call cannot be done, where both the store and the worker
+/// library say it (the worker library for Redis's error replies to a state batch, which the
+/// master passes on unread).
+pub mod refusal {
+    /// The first word of the error replies to a state batch that corral makes (a refused
+    /// command, a store out of reach) rather than Redis.
+    pub const CORRAL_ERROR: &str = "CORRAL";
+
+    /// `incr` on a value that is not a decimal 64-bit integer.
+    #[must_use]
+    pub fn not_integer(key: &str) -> String {
+        format!(
+            "the value of key {key:?} is not an integer, so it cannot be incremented; set it to \
+             a decimal integer first or use another key"
+        )
+    }
+
+    /// `incr` past the signed 64-bit range.
+    #[must_use]
+    pub fn overflow(key: &str) -> String {
+        format!(
+            "incrementing key {key:?} would overflow a signed 64-bit integer; the value is \
+             unchanged"
+        )
+    }
+
+    /// A value in Redis that is not UTF-8.
+    #[must_use]
+    pub fn not_utf8(key: &str) -> String {
+        format!(
+            "the value of key {key:?} is not UTF-8 text (another Redis client wrote it); corral \
+             values are strings, so overwrite or delete it"
+        )
+    }
+}
+
 /// The most calls a state batch frame may hold (a worker with more writes several frames).
 pub const MAX_STATE_BATCH: usize = 256;
 

@@ -18,8 +18,7 @@ use corral_proto::resp::{self, Malformed};
 
 use crate::{StateError, check_key, check_ttl, check_value};
 
-/// The first word of the error replies made by corral rather than by Redis.
-pub const CORRAL_ERROR: &str = "CORRAL";
+pub use corral_proto::channel::refusal::CORRAL_ERROR;
 
 /// A batch of RESP commands as read from a worker, each checked.
 #[derive(Debug)]

@@ -54,25 +54,19 @@ pub enum StateError {
         reason: &'static str,
     },
     /// `incr` on a value that is not a decimal 64-bit integer.
-    #[error(
-        "the value of key {key:?} is not an integer, so it cannot be incremented; set it to a decimal integer first or use another key"
-    )]
+    #[error("{}", corral_proto::channel::refusal::not_integer(key))]
     NotInteger {
         /// The key.
         key: String,
     },
     /// `incr` would leave the signed 64-bit range.
-    #[error(
-        "incrementing key {key:?} would overflow a signed 64-bit integer; the value is unchanged"
-    )]
+    #[error("{}", corral_proto::channel::refusal::overflow(key))]
     Overflow {
         /// The key.
         key: String,
     },
     /// A value in Redis is not UTF-8 (written by another Redis client); corral values are strings.
-    #[error(
-        "the value of key {key:?} is not UTF-8 text (another Redis client wrote it); corral values are strings, so overwrite or delete it"
-    )]
+    #[error("{}", corral_proto::channel::refusal::not_utf8(key))]
     NotUtf8 {
         /// The key.
         key: String,

@@ -738,6 +738,16 @@ pub(crate) mod testing {
         write_batch(master, id, &reply);
     }
 
+    /// Answers call `id`, which came in a state batch, with `reply` as Redis would give it.
+    pub(crate) fn reply_as_redis(master: &UnixStream, id: u64, reply: &[u8]) {
+        assert!(
+            BATCHED
+                .with(|batched| batched.borrow_mut().remove(&id))
+                .is_some()
+        );
+        write_batch(master, id, reply);
+    }
+
     fn write_batch(mut master: &UnixStream, first: u64, replies: &[u8]) {
         let mut frame = Vec::new();
         let start = start_state_batch(&mut frame, first);

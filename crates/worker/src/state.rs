@@ -253,7 +253,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::channel::testing::{answer, channel, read_call, refuse, write_frame};
+    use crate::channel::testing::{
+        answer, channel, read_call, refuse, reply_as_redis, write_frame,
+    };
+    use corral_proto::channel::refusal;
 
     const LONG: Duration = Duration::from_secs(20);
 
@@ -478,6 +481,43 @@ mod tests {
         );
         assert_eq!(answers[5], Ok(json!(7)));
         assert_eq!(channel.pending_len(), 0);
+    }
+
+    #[test]
+    fn redis_errors_in_state_batches_read_as_corral_says_them() {
+        fn failed<T>(text: String) -> Result<T, CallError> {
+            Err(CallError::Failed(text))
+        }
+        let (channel, master) = channel();
+        let state = State::on(Some(channel));
+        let master = thread::spawn(move || {
+            for reply in [
+                &b"-ERR value is not an integer or out of range\r\n"[..],
+                b"-ERR increment or decrement would overflow\r\n",
+                b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+                b"$2\r\n\xff\xfe\r\n",
+                b"-CORRAL Redis at redis://127.0.0.1:1/0 is unreachable: gone\r\n",
+            ] {
+                let (id, _) = read_call(&master);
+                reply_as_redis(&master, id, reply);
+            }
+        });
+        assert_eq!(state.incr("n", 1), failed(refusal::not_integer("n")));
+        assert_eq!(state.incr("n", 1), failed(refusal::overflow("n")));
+        assert_eq!(
+            state.incr("list", 1),
+            failed(
+                "Redis refused the command: WRONGTYPE Operation against a key holding the wrong \
+                 kind of value"
+                    .into()
+            )
+        );
+        assert_eq!(state.get("bin"), failed(refusal::not_utf8("bin")));
+        assert_eq!(
+            state.get("k"),
+            failed("Redis at redis://127.0.0.1:1/0 is unreachable: gone".into())
+        );
+        master.join().unwrap();
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::task::Waker;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use corral_proto::channel::refusal;
 use corral_proto::channel::{
     MAX_CHANNEL_FRAME_LEN, MAX_STATE_BATCH, STATE_BATCH_HEADER_LEN, StateCall, WorkerMessage,
     finish_state_batch, start_state_batch,
@@ -164,10 +165,7 @@ impl Shape {
             (_, Reply::Error(error)) => Err(CallError::Failed(self.refused(&text(error)))),
             (Shape::Value { key }, Reply::Bulk(Some(value))) => match std::str::from_utf8(value) {
                 Ok(value) => Ok(Value::String(value.to_string())),
-                Err(_) => Err(CallError::Failed(format!(
-                    "the value of key {key:?} is not UTF-8 text (another Redis client wrote it); \
-                     corral values are strings, so overwrite or delete it"
-                ))),
+                Err(_) => Err(CallError::Failed(refusal::not_utf8(key))),
             },
             (Shape::Value { .. }, Reply::Bulk(None)) => Ok(Value::Null),
             (Shape::Done, Reply::Simple(_)) => Ok(Value::Bool(true)),
@@ -183,18 +181,17 @@ impl Shape {
 
     /// The message of an error reply: corral's own as it is; Redis's said as corral says it.
     fn refused(&self, error: &str) -> String {
-        if let Some(own) = error.strip_prefix("CORRAL ") {
+        if let Some(own) = error
+            .strip_prefix(refusal::CORRAL_ERROR)
+            .and_then(|rest| rest.strip_prefix(' '))
+        {
             return own.to_string();
         }
         match self {
-            Shape::Number { key } if error.starts_with("ERR value is not an integer") => format!(
-                "the value of key {key:?} is not an integer, so it cannot be incremented; set \
-                 it to a decimal integer first or use another key"
-            ),
-            Shape::Number { key } if error.contains("overflow") => format!(
-                "incrementing key {key:?} would overflow a signed 64-bit integer; the value is \
-                 unchanged"
-            ),
+            Shape::Number { key } if error.starts_with("ERR value is not an integer") => {
+                refusal::not_integer(key)
+            }
+            Shape::Number { key } if error.contains("overflow") => refusal::overflow(key),
             _ => format!("Redis refused the command: {error}"),
         }
     }
