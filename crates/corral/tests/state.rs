@@ -769,6 +769,60 @@ fn state_batches_pass_through_to_redis_as_they_are() {
     batches_run_allowed_calls_and_refuse_the_rest(&["--state", &redis.url()]);
 }
 
+/// A worker that stores 42,000 keys in 168 state batches, all written before it reads a reply
+/// (so the master's writes meet a full socket, and must wait, not drop: it prints `stored` only
+/// with every reply in), then asks for them all with `keys`, an answer over the channel's frame
+/// limit, and then for one key, to see the channel still works.
+const KEYS_PY: &str = r#"
+import json
+
+def frame(message):
+    body = json.dumps(message).encode()
+    return struct.pack(">I", len(body)) + body
+
+def next_frame():
+    return exactly(struct.unpack(">I", exactly(4))[0])
+
+oks = 0
+for b in range(168):
+    resp = b"".join(b"*3\r\n$3\r\nSET\r\n$24\r\nkey:%020d\r\n$1\r\nv\r\n" % (b * 250 + i)
+                    for i in range(250))
+    body = b"R" + struct.pack(">Q", 1000 + b * 250) + resp
+    channel.sendall(struct.pack(">I", len(body)) + body)
+while oks < 168 * 250:
+    oks += next_frame().count(b"+OK\r\n")
+print(f"stored {oks}", flush=True)
+for id, call in [(1, {"op": "keys", "pattern": "key:*"}), (2, {"op": "get", "key": "key:%020d" % 7})]:
+    channel.sendall(frame({"type": "state", "id": id, "call": call}))
+    answer = json.loads(next_frame())
+    print(f"answer {id} {json.dumps(answer)[:300]}", flush=True)
+while True:
+    exactly(4)
+"#;
+
+#[test]
+fn every_reply_comes_through_a_full_socket_and_one_over_the_frame_limit_is_an_error() {
+    let home = Home::new();
+    let script = home.file("keys.py", &channel_py(KEYS_PY));
+    home.ok(&["start", arg(&script), "-n", "keys", "--no-autorestart"]);
+    let log = home.wait_log("keys", 0, "out", "answer 2 ");
+    assert!(log.contains("stored 42000"), "{log}");
+    let line = |prefix: &str| {
+        log.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let keys = line("answer 1 ");
+    assert!(
+        keys.contains(r#""id": 1"#) && keys.contains("over the channel's limit of 1048576"),
+        "{log}"
+    );
+    assert!(line("answer 2 ").contains(r#""ok": "v""#), "{log}");
+    home.assert_daemon_answers();
+    home.ok(&["delete", "all"]);
+}
+
 fn daemon_log(home: &Home) -> String {
     std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default()
 }

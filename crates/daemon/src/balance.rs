@@ -199,8 +199,15 @@ impl Conduit {
 
     /// Sends a corral message (no descriptors); queued behind anything unsent.
     pub fn send(self: &Arc<Self>, message: &MasterMessage) {
-        if let Ok(frame) = corral_proto::frame::encode(message) {
+        let mut frame = Vec::new();
+        if corral_proto::channel::append_master_message(&mut frame, message) {
             self.send_now(&frame);
+        } else {
+            crate::log!(
+                "a message for pid {} was not sent: over the channel's frame limit of {} bytes",
+                self.pid(),
+                corral_proto::channel::MAX_CHANNEL_FRAME_LEN
+            );
         }
     }
 
@@ -215,7 +222,16 @@ impl Conduit {
             state.unsent.extend_from_slice(bytes);
             return;
         }
-        self.write(&mut state, bytes, None);
+        match self.try_write(&mut state, bytes, None) {
+            Ok(()) => {}
+            // The socket is full: all of it waits for the flusher (nothing is dropped).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                state.unsent.extend_from_slice(bytes);
+                self.ensure_flusher(&mut state);
+            }
+            // The worker's end is gone; its reader sees that too and calls `close`.
+            Err(_) => state.closed = true,
+        }
     }
 
     /// Node: sends a line in its turn (behind a handle in flight); `line` gets the sequence

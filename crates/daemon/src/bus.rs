@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use corral_proto::channel::{
     DEFAULT_REQUEST_TIMEOUT_MS, MAX_CHANNEL_FRAME_LEN, MAX_STATE_BATCH, MasterMessage,
-    STATE_BATCH_HEADER_LEN, StateCall, Target, finish_state_batch, start_state_batch,
+    STATE_BATCH_HEADER_LEN, StateCall, Target, append_master_message, finish_state_batch,
+    start_state_batch,
 };
 use corral_proto::resp;
 use corral_proto::{ErrorKind, Response, StateBackend};
@@ -163,7 +164,7 @@ fn deliver_all(conduit: &Arc<Conduit>, messages: &[MasterMessage]) {
         Codec::Corral => {
             let mut frames = Vec::with_capacity(messages.len() * 48);
             for message in messages {
-                let _ = corral_proto::frame::append(&mut frames, message);
+                append_master_message(&mut frames, message);
             }
             conduit.send_now(&frames);
         }
@@ -764,31 +765,49 @@ impl Bus {
 }
 
 /// `replies`, the replies to calls numbered from `first`, as state batch frames: one, or as many
-/// as it takes to keep each within [`MAX_CHANNEL_FRAME_LEN`].
+/// as it takes to keep each within [`MAX_CHANNEL_FRAME_LEN`]. A reply too large for a frame of
+/// its own (a value another Redis client wrote) is replaced by an error reply saying so.
 fn batch_frames(first: u64, replies: &[u8]) -> Vec<u8> {
     let room = MAX_CHANNEL_FRAME_LEN - (STATE_BATCH_HEADER_LEN - 4);
     let mut frames = Vec::with_capacity(replies.len() + STATE_BATCH_HEADER_LEN);
-    let (mut number, mut at) = (first, 0);
-    while at < replies.len() {
-        let (mut end, mut count) = (at, 0);
-        if replies.len() - at <= room {
-            end = replies.len();
-        } else {
-            // Whole replies, as many as fit (each is well under a frame: values are at most
-            // 512 KiB).
-            while let Ok(Some(len)) = resp::reply_len(&replies[end..]) {
-                if end > at && end + len - at > room {
-                    break;
-                }
-                end += len;
-                count += 1;
-            }
-        }
-        let start = start_state_batch(&mut frames, number);
-        frames.extend_from_slice(&replies[at..end]);
+    if replies.len() <= room {
+        let start = start_state_batch(&mut frames, first);
+        frames.extend_from_slice(replies);
         finish_state_batch(&mut frames, start);
-        number += count;
-        at = end;
+        return frames;
+    }
+    // The frame being written: where it starts, and the bytes of replies in it.
+    let mut open: Option<(usize, usize)> = None;
+    let (mut number, mut at) = (first, 0);
+    let mut refusal = Vec::new();
+    // Replies are whole (made here, or cut by the link): each is read.
+    while let Ok(Some(len)) = resp::reply_len(&replies[at..]) {
+        let mut reply = &replies[at..at + len];
+        if len > room {
+            refusal.clear();
+            let message = format!(
+                "{CORRAL_ERROR} the reply is {len} bytes, over the channel's frame limit of \
+                 {MAX_CHANNEL_FRAME_LEN}: a value that large was written by another Redis \
+                 client; corral values are at most 524288 bytes"
+            );
+            resp::error(&mut refusal, &message);
+            reply = &refusal;
+        }
+        match open {
+            Some((start, filled)) if filled + reply.len() > room => {
+                finish_state_batch(&mut frames, start);
+                open = None;
+            }
+            _ => {}
+        }
+        let (start, filled) = open.unwrap_or_else(|| (start_state_batch(&mut frames, number), 0));
+        frames.extend_from_slice(reply);
+        open = Some((start, filled + reply.len()));
+        number += 1;
+        at += len;
+    }
+    if let Some((start, _)) = open {
+        finish_state_batch(&mut frames, start);
     }
     frames
 }
@@ -986,5 +1005,20 @@ mod tests {
         assert_eq!(split.len(), 2);
         assert_eq!((split[0].0, split[1].0), (7, 10));
         assert_eq!([split[0].1.clone(), split[1].1.clone()].concat(), big);
+
+        // A value over the frame limit, between two small ones: refused in its place.
+        let mut with_huge = Vec::new();
+        resp::integer(&mut with_huge, 1);
+        resp::bulk(&mut with_huge, Some(&vec![b'v'; 2 * 1024 * 1024]));
+        resp::integer(&mut with_huge, 3);
+        let split = frames(&batch_frames(0, &with_huge));
+        let all: Vec<u8> = split.iter().flat_map(|(_, resp)| resp.clone()).collect();
+        let text = String::from_utf8_lossy(&all);
+        assert!(
+            text.starts_with(":1\r\n-CORRAL the reply is 2097164 bytes"),
+            "{text}"
+        );
+        assert!(text.ends_with("at most 524288 bytes\r\n:3\r\n"), "{text}");
+        assert_eq!(split[0].0, 0);
     }
 }

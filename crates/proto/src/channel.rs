@@ -285,6 +285,39 @@ pub enum MasterMessage {
 /// A JSON body starts with `{`, never with this byte.
 pub const STATE_BATCH: u8 = b'R';
 
+/// Appends `message` to `out` as a frame of the worker channel. An answer (a `state` or a
+/// `reply`) over [`MAX_CHANNEL_FRAME_LEN`] is appended as an error answer saying so instead, so
+/// that the call is answered and the worker's channel stays whole; any other message over it is
+/// not appended, and false is returned.
+pub fn append_master_message(out: &mut Vec<u8>, message: &MasterMessage) -> bool {
+    let start = out.len();
+    let len = match crate::frame::append(out, message) {
+        Ok(()) if out.len() - start - 4 <= MAX_CHANNEL_FRAME_LEN => return true,
+        Ok(()) => out.len() - start - 4,
+        Err(crate::FrameError::TooLarge { len, .. }) => usize::try_from(len).unwrap_or(usize::MAX),
+        Err(_) => return false,
+    };
+    out.truncate(start);
+    let error = Some(format!(
+        "the answer takes {len} bytes, over the channel's limit of {MAX_CHANNEL_FRAME_LEN}: ask \
+         for less at once (a narrower pattern, fewer recipients, a smaller answer)"
+    ));
+    let instead = match message {
+        MasterMessage::State { id, .. } => MasterMessage::State {
+            id: *id,
+            ok: None,
+            error,
+        },
+        MasterMessage::Reply { id, .. } => MasterMessage::Reply {
+            id: *id,
+            data: serde_json::Value::Null,
+            error,
+        },
+        _ => return false,
+    };
+    crate::frame::append(out, &instead).is_ok()
+}
+
 /// What corral says when a state call cannot be done, where both the store and the worker
 /// library say it (the worker library for Redis's error replies to a state batch, which the
 /// master passes on unread).
@@ -469,6 +502,37 @@ struct StateAnswerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_over_the_channel_limit_becomes_an_error_answer() {
+        let huge = "k".repeat(MAX_CHANNEL_FRAME_LEN);
+        let mut out = Vec::new();
+        let answer = MasterMessage::State {
+            id: 9,
+            ok: Some(serde_json::json!([huge])),
+            error: None,
+        };
+        assert!(append_master_message(&mut out, &answer));
+        let frame = decode_master_message(&out[4..]).unwrap();
+        let MasterMessage::State {
+            id: 9,
+            ok: None,
+            error: Some(error),
+        } = frame
+        else {
+            panic!("{frame:?}");
+        };
+        assert!(error.contains("over the channel's limit"), "{error}");
+
+        let published = MasterMessage::Published {
+            pattern: "p".into(),
+            channel: "c".into(),
+            message: huge,
+        };
+        out.clear();
+        assert!(!append_master_message(&mut out, &published));
+        assert!(out.is_empty());
+    }
 
     #[test]
     fn the_quick_decoders_read_what_the_general_ones_read() {
