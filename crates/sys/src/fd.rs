@@ -172,13 +172,19 @@ pub fn place_fds(
     Ok(())
 }
 
-/// Waits until `fd` can be written to (a non-blocking socket whose buffer was full).
-pub fn wait_writable(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// Waits until the socket `fd` has room for writing, or, when `or_readable`, something to read;
+/// whether it has something to read.
+pub fn wait_room_or_readable(fd: BorrowedFd<'_>, or_readable: bool) -> io::Result<bool> {
     use rustix::event::{PollFd, PollFlags};
-    let mut polled = [PollFd::new(&fd, PollFlags::OUT)];
+    let flags = if or_readable {
+        PollFlags::OUT | PollFlags::IN
+    } else {
+        PollFlags::OUT
+    };
+    let mut polled = [PollFd::new(&fd, flags)];
     loop {
         match rustix::event::poll(&mut polled, None) {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(polled[0].revents().contains(PollFlags::IN)),
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -62,8 +62,18 @@ pub(crate) struct Asked {
 
 #[derive(Debug)]
 pub(crate) struct Channel {
-    writer: Mutex<UnixStream>,
+    /// The worker's end, written by every thread (see [`Channel::write_all`]).
+    stream: UnixStream,
+    /// What is being written.
+    out: Mutex<Out>,
+    /// The reader's copy of the end, until reading starts.
     reader: Mutex<Option<UnixStream>>,
+    /// What was read and not yet made into messages, for whoever reads: the reader, and a
+    /// writer waiting for room while the reader is a task it may keep from running.
+    frames: Mutex<Frames>,
+    /// The reader is a task of a runtime, which a writer waiting for room on that runtime's
+    /// thread would keep from running: such a writer reads meanwhile.
+    reads_on_runtime: AtomicBool,
     started: Once,
     inbox: Mutex<Inbox>,
     changed: Condvar,
@@ -114,8 +124,11 @@ impl Channel {
     pub fn new(socket: UnixStream, report_closes: bool) -> Channel {
         let reader = socket.try_clone().ok();
         Channel {
-            writer: Mutex::new(socket),
+            stream: socket,
+            out: Mutex::default(),
             reader: Mutex::new(reader),
+            frames: Mutex::default(),
+            reads_on_runtime: AtomicBool::new(false),
             started: Once::new(),
             inbox: Mutex::default(),
             changed: Condvar::new(),
@@ -139,28 +152,78 @@ impl Channel {
         self.write_all(&frame)
     }
 
-    /// Writes frames, whole, in as few writes as the socket takes. Writes of other threads wait:
-    /// frames never interleave.
+    /// Writes frames, whole, in as few writes as the socket takes, after those of every write
+    /// begun before; frames never interleave.
     ///
-    /// This blocks, even for async callers (as it always did for `accepted` and `refused`), but
-    /// only while the socket's buffer is full, that is while the master is not reading this
-    /// worker's channel; it reads every channel all the time.
+    /// This blocks, even for async callers (as it always did for `accepted` and `refused`),
+    /// while the socket's buffer is full, that is while the master is not reading this worker's
+    /// channel: it stops when more than 8 MiB of answers wait for a worker that does not read
+    /// them. Meanwhile the channel is read on, here if need be (when its reader is a task of
+    /// the runtime whose thread this may be), so that a worker writing many calls at once and
+    /// the master answering them cannot wait on each other.
     pub fn write_all(&self, frame: &[u8]) -> io::Result<()> {
-        let mut writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut at = 0;
-        while at < frame.len() {
-            match writer.write(&frame[at..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => at += n,
-                // The descriptor is non-blocking when a runtime reads it: wait for room.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    corral_sys::fd::wait_writable(writer.as_fd())?;
+        let mine = {
+            let mut out = self.out();
+            let taken = if out.bytes.is_empty() {
+                write_some(&self.stream, frame)?
+            } else {
+                0
+            };
+            out.bytes.extend_from_slice(&frame[taken..]);
+            out.written += taken as u64;
+            out.queued += frame.len() as u64;
+            out.queued
+        };
+        loop {
+            {
+                let mut out = self.out();
+                let n = write_some(&self.stream, &out.bytes)?;
+                out.bytes.drain(..n);
+                out.written += n as u64;
+                if out.written >= mine {
+                    return Ok(());
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            }
+            let read_too = self.reads_on_runtime.load(Ordering::Acquire);
+            if corral_sys::fd::wait_room_or_readable(self.stream.as_fd(), read_too)? {
+                self.read_while_writing();
             }
         }
-        Ok(())
+    }
+
+    fn out(&self) -> MutexGuard<'_, Out> {
+        self.out.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn frames(&self) -> MutexGuard<'_, Frames> {
+        self.frames.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads what came, for a writer waiting for room, unless the reader is at it.
+    fn read_while_writing(&self) {
+        let mut frames = match self.frames.try_lock() {
+            Ok(frames) => frames,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        let mut chunk = vec![0u8; 64 * 1024];
+        if let Ok(false) = self.receive(&mut frames, self.stream.as_fd(), &mut chunk) {
+            drop(frames);
+            self.close();
+        }
+    }
+
+    /// One read of the channel into `frames`, its messages handled: false at its end, or when
+    /// the stream is not the master's.
+    fn receive(
+        &self,
+        frames: &mut Frames,
+        fd: std::os::fd::BorrowedFd<'_>,
+        chunk: &mut [u8],
+    ) -> io::Result<bool> {
+        let mut received = Vec::new();
+        let n = corral_sys::fd::recv_with_fds(fd, chunk, &mut received)?;
+        Ok(n > 0 && frames.feed(self, &chunk[..n], received))
     }
 
     /// Starts reading the channel, once: on a thread of its own, or, called within a tokio
@@ -193,6 +256,7 @@ impl Channel {
             let reader = match ::tokio::runtime::Handle::try_current() {
                 Ok(runtime) if on_runtime => match watch(reader) {
                     Ok(watched) => {
+                        self.reads_on_runtime.store(true, Ordering::Release);
                         runtime.spawn(self.read_async(watched));
                         return;
                     }
@@ -210,39 +274,31 @@ impl Channel {
     }
 
     fn read(&self, reader: &UnixStream) {
-        let mut frames = Frames::default();
         let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            let mut received = Vec::new();
-            let n = match corral_sys::fd::recv_with_fds(reader.as_fd(), &mut chunk, &mut received) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if !frames.feed(self, &chunk[..n], received) {
-                break;
-            }
-        }
+        // Nobody else reads (writers wait for room only), so the frames stay taken.
+        let mut frames = self.frames();
+        while let Ok(true) = self.receive(&mut frames, reader.as_fd(), &mut chunk) {}
+        drop(frames);
         self.close();
     }
 
     #[cfg(feature = "tokio")]
     async fn read_async(&'static self, reader: ::tokio::io::unix::AsyncFd<OwnedFd>) {
-        let mut frames = Frames::default();
         let mut chunk = vec![0u8; 16 * 1024];
         loop {
             let Ok(mut ready) = reader.readable().await else {
                 break;
             };
-            let mut received = Vec::new();
-            let n = match ready
-                .try_io(|fd| corral_sys::fd::recv_with_fds(fd.as_fd(), &mut chunk, &mut received))
-            {
-                Ok(Ok(0) | Err(_)) => break,
-                Ok(Ok(n)) => n,
-                Err(_would_block) => continue,
-            };
-            if !frames.feed(self, &chunk[..n], received) {
-                break;
+            let received = ready.try_io(|fd| {
+                let mut frames = self.frames();
+                self.receive(&mut frames, fd.as_fd(), &mut chunk)
+            });
+            match received {
+                Ok(Ok(true)) => {}
+                // A writer waiting for room read what there was.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(Ok(false) | Err(_)) => break,
+                Err(_would_block) => {}
             }
         }
         self.close();
@@ -519,6 +575,30 @@ impl Channel {
         self.send(&WorkerMessage::Accepted { id: handed.id })?;
         Ok(handed)
     }
+}
+
+/// Bytes written to the channel: those not yet taken by the socket, and counts since the start
+/// (a writer waits until `written` passes the end of its own bytes).
+#[derive(Debug, Default)]
+struct Out {
+    bytes: Vec<u8>,
+    queued: u64,
+    written: u64,
+}
+
+/// Writes what the socket takes of `bytes` without waiting: how much.
+fn write_some(mut stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut at = 0;
+    while at < bytes.len() {
+        match stream.write(&bytes[at..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(at)
 }
 
 /// Bytes and descriptors read from the channel, not yet made into messages.

@@ -555,6 +555,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_worker_writing_more_calls_than_the_socket_holds_reads_on_meanwhile() {
+        // The runtime's one thread runs the reader task and the call, whose writing waits for
+        // room: the master (a thread) first writes 8 MiB of messages, reading nothing; it gets
+        // them out only if the worker reads while it waits to write its calls. (Like the real
+        // master, which stops reading a worker that leaves answers unread.)
+        let (channel, master) = channel();
+        master
+            .set_write_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let state = State::on(Some(channel));
+        let calls = 20_000;
+        let master = thread::spawn(move || {
+            let message = json!({"type": "message", "data": "x".repeat(1000)});
+            for _ in 0..8 * 1024 {
+                write_frame(&master, &message);
+            }
+            for _ in 0..calls {
+                let (id, _) = read_call(&master);
+                answer(&master, id, &json!(null));
+            }
+        });
+        let gets = (0..calls)
+            .map(|i| StateCall::Get {
+                key: format!("key:{i:020}"),
+            })
+            .collect();
+        let answers = state.call_many(gets).await;
+        assert_eq!(answers.len(), calls);
+        assert!(
+            answers.iter().all(|a| *a == Ok(Value::Null)),
+            "{:?}",
+            answers[0]
+        );
+        master.join().unwrap();
+        assert_eq!(channel.pending_len(), 0);
+    }
+
+    #[tokio::test]
     async fn many_calls_in_flight_each_get_their_answer() {
         let (channel, master) = channel();
         let state = State::on(Some(channel));
