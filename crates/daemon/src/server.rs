@@ -189,11 +189,26 @@ async fn connection(
             }
             request => {
                 let response = ask(&events, request).await;
-                if frame::write(&mut stream, &response).await.is_err() {
+                if respond(&mut stream, &response).await.is_err() {
                     return;
                 }
             }
         }
+    }
+}
+
+/// Writes `response`; one over the frame limit (`state ls` of a huge store, say) is answered by
+/// an error saying so, and the connection stays usable.
+async fn respond(stream: &mut UnixStream, response: &Response) -> Result<(), FrameError> {
+    match frame::write(stream, response).await {
+        Err(FrameError::TooLarge { len, max }) => {
+            let message = format!(
+                "the answer takes {len} bytes, over the control protocol's limit of {max}: ask \
+                 for less at once (a narrower pattern, fewer lines)"
+            );
+            frame::write(stream, &Response::error(ErrorKind::BadFrame, message)).await
+        }
+        written => written,
     }
 }
 
@@ -296,4 +311,29 @@ async fn send_lines(
         frame::write(stream, &Response::LogLines { lines: batch }).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_over_the_frame_limit_is_an_error_saying_so() {
+        let (mut daemon, mut client) = UnixStream::pair().unwrap();
+        let huge = serde_json::Value::String("k".repeat(corral_proto::MAX_FRAME_LEN as usize));
+        let writing =
+            tokio::spawn(
+                async move { respond(&mut daemon, &Response::Value { value: huge }).await },
+            );
+        let answer: Response = frame::read(&mut client).await.unwrap();
+        writing.await.unwrap().unwrap();
+        let Response::Error { kind, message } = answer else {
+            panic!("{answer:?}");
+        };
+        assert_eq!(kind, ErrorKind::BadFrame);
+        assert!(
+            message.contains("over the control protocol's limit"),
+            "{message}"
+        );
+    }
 }
