@@ -577,6 +577,12 @@ impl Conn {
     }
 }
 
+// The server the Redis tests use too (not all of it).
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../tests/support/redis_server.rs"]
+mod redis_server;
+
 #[cfg(test)]
 mod tests {
     //! Against a real `redis-server` started by each test on a free port in a temporary
@@ -584,149 +590,41 @@ mod tests {
     //! print a note and pass, except under CI (`CI` set), where they fail.
 
     use std::io::Write as _;
-    use std::net::TcpListener;
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
 
     use super::*;
 
     /// Longest wait for anything the tests expect.
     const DEADLINE: Duration = Duration::from_secs(10);
 
-    /// A `redis-server` of our own, killed when dropped (SIGKILL also ends a stopped one).
-    struct Server {
-        binary: PathBuf,
-        child: Option<Child>,
-        port: u16,
-        dir: tempfile::TempDir,
-        args: Vec<String>,
+    use super::redis_server::RedisServer;
+
+    fn url(server: &RedisServer, password: &str, db: u32) -> String {
+        format!("redis://:{password}@127.0.0.1:{}/{db}", server.port)
     }
 
-    impl Server {
-        /// `None` (after a note) when `redis-server` is not installed.
-        async fn start(args: &[&str]) -> Option<Server> {
-            let binary = find_redis_server()?;
-            // Another process may take the port between our probe and redis binding it.
-            for _ in 0..5 {
-                let mut server = Server {
-                    binary: binary.clone(),
-                    child: None,
-                    port: TcpListener::bind("127.0.0.1:0")
-                        .and_then(|l| l.local_addr())
-                        .unwrap()
-                        .port(),
-                    dir: tempfile::tempdir().unwrap(),
-                    args: args.iter().map(|&a| a.to_owned()).collect(),
-                };
-                if server.launch().await {
-                    return Some(server);
-                }
-            }
-            panic!("redis-server did not start on any of 5 free ports");
-        }
-
-        /// Runs it on `self.port` and waits until it answers; false when it exited.
-        async fn launch(&mut self) -> bool {
-            let child = Command::new(&self.binary)
-                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(self.dir.path())
-                .args(&self.args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            self.child = Some(child);
-            let deadline = Instant::now() + DEADLINE;
-            loop {
-                if self.query::<String>(0, &["PING"]).is_ok() {
-                    return true;
-                }
-                if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                    eprintln!("redis-server on port {} exited with {status}", self.port);
-                    self.child = None;
-                    return false;
-                }
-                assert!(Instant::now() < deadline, "redis-server did not answer");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-
-        fn url(&self, password: &str, db: u32) -> String {
-            format!("redis://:{password}@127.0.0.1:{}/{db}", self.port)
-        }
-
-        fn password(&self) -> &str {
-            let at = self.args.iter().position(|a| a == "--requirepass");
-            at.and_then(|at| self.args.get(at + 1))
-                .map_or("", String::as_str)
-        }
-
-        /// A link with the server's own password, to `db`.
-        fn link(&self, db: u32) -> Link {
-            self.link_with(self.password(), db)
-        }
-
-        fn link_with(&self, password: &str, db: u32) -> Link {
-            let client = redis::Client::open(self.url(password, db)).unwrap();
-            Link::new(&client, format!("redis://127.0.0.1:{}/{db}", self.port))
-        }
-
-        /// A command through the redis crate, on a connection of its own, to `db`.
-        fn query<T: redis::FromRedisValue>(&self, db: u32, args: &[&str]) -> redis::RedisResult<T> {
-            let client = redis::Client::open(self.url(self.password(), db))?;
-            let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
-            conn.set_read_timeout(Some(Duration::from_secs(1)))?;
-            let mut cmd = redis::cmd(args[0]);
-            cmd.arg(&args[1..]);
-            cmd.query(&mut conn)
-        }
-
-        fn signal(&self, signal: &str) {
-            let pid = self.child.as_ref().unwrap().id().to_string();
-            let status = Command::new("kill").args([signal, &pid]).status().unwrap();
-            assert!(status.success(), "kill {signal} {pid}");
-        }
-
-        fn kill(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-
-        /// Starts it again on the same port (which can stay taken for a moment).
-        async fn restart(&mut self) {
-            self.kill();
-            let deadline = Instant::now() + DEADLINE;
-            while !self.launch().await {
-                assert!(Instant::now() < deadline, "could not restart redis-server");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+    /// A link with the server's own password, to `db`.
+    fn link(server: &RedisServer, db: u32) -> Link {
+        link_with(server, server.password().unwrap_or_default(), db)
     }
 
-    impl Drop for Server {
-        fn drop(&mut self) {
-            self.kill();
-        }
+    fn link_with(server: &RedisServer, password: &str, db: u32) -> Link {
+        let client = redis::Client::open(url(server, password, db)).unwrap();
+        Link::new(&client, format!("redis://127.0.0.1:{}/{db}", server.port))
     }
 
-    fn find_redis_server() -> Option<PathBuf> {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let found = std::env::split_paths(&path)
-            .map(|dir| dir.join("redis-server"))
-            .find(|p| p.is_file());
-        if found.is_none() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is not installed, and CI must run the Redis tests: install it"
-            );
-            eprintln!("note: redis-server is not installed; skipping this Redis test");
-        }
-        found
+    /// A command through the redis crate, on a connection of its own, to `db`.
+    fn query<T: redis::FromRedisValue>(
+        server: &RedisServer,
+        db: u32,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let password = server.password().unwrap_or_default();
+        let client = redis::Client::open(url(server, password, db))?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut cmd = redis::cmd(args[0]);
+        cmd.arg(&args[1..]);
+        cmd.query(&mut conn)
     }
 
     /// The commands, one after the other.
@@ -762,10 +660,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn batches_get_their_own_replies_in_order() {
-        let Some(server) = Server::start(&[]).await else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
-        let link = Arc::new(server.link(0));
+        let link = Arc::new(link(&server, 0));
 
         // Queued one after the other, then awaited on tasks of their own spawned last first:
         // each still sees the counter as the batches before it left it.
@@ -831,10 +729,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_larger_than_the_socket_buffers_goes_through() {
-        let Some(server) = Server::start(&[]).await else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
-        let link = server.link(0);
+        let link = link(&server, 0);
         let keys: Vec<String> = (0..2000).map(|i| format!("key{i}")).collect();
         let values: Vec<Vec<u8>> = (0..2000u32)
             .map(|i| (0..1024u32).map(|j| b'a' + ((i + j) % 26) as u8).collect())
@@ -860,16 +758,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_killed_redis_fails_calls_at_once_and_a_restarted_one_answers() {
-        let Some(mut server) = Server::start(&[]).await else {
+        let Some(mut server) = RedisServer::start().await else {
             return;
         };
-        let link = server.link(0);
+        let link = link(&server, 0);
         until_answered(&link).await;
         // A call that waits: BLPOP with no timeout, which only the kill ends.
         let waiting = link.forward(commands(&[&[b"BLPOP", b"list", b"0"]]), 1);
         let deadline = Instant::now() + DEADLINE;
-        while !server
-            .query::<String>(0, &["INFO", "clients"])
+        while !query::<String>(&server, 0, &["INFO", "clients"])
             .is_ok_and(|info| info.contains("blocked_clients:1"))
         {
             assert!(Instant::now() < deadline, "BLPOP never blocked");
@@ -907,17 +804,13 @@ mod tests {
 
     #[tokio::test]
     async fn the_password_and_db_of_the_url_are_used() {
-        let Some(server) = Server::start(&["--requirepass", "secret"]).await else {
+        let Some(server) = RedisServer::start_with(&["--requirepass", "secret"]).await else {
             return;
         };
-        let link = server.link(3);
+        let link = link(&server, 3);
         let set = commands(&[&[b"SET", b"where", b"db 3"]]);
         assert_eq!(link.forward(set, 1).await.unwrap(), b"+OK\r\n");
-        let in_db = |db| {
-            server
-                .query::<Option<String>>(db, &["GET", "where"])
-                .unwrap()
-        };
+        let in_db = |db| query::<Option<String>>(&server, db, &["GET", "where"]).unwrap();
         assert_eq!(in_db(3).as_deref(), Some("db 3"));
         assert_eq!(in_db(0), None);
 
@@ -931,7 +824,7 @@ mod tests {
         let get = commands(&[&[b"GET", b"where"]]);
         assert_eq!(named.forward(get, 1).await.unwrap(), bulk(b"db 3"));
 
-        let wrong = server.link_with("wrong", 3);
+        let wrong = link_with(&server, "wrong", 3);
         let e = wrong.forward(ping(), 1).await.unwrap_err();
         assert!(matches!(e, StateError::Unavailable { .. }), "{e:?}");
         let message = e.to_string();
@@ -940,10 +833,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_hung_redis_fails_waiting_calls_after_the_timeout() {
-        let Some(server) = Server::start(&[]).await else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
-        let link = server.link(0);
+        let link = link(&server, 0);
         until_answered(&link).await;
 
         server.signal("-STOP");
