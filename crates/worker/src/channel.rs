@@ -8,6 +8,7 @@
 pub(crate) mod calls;
 pub(crate) mod feeds;
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -184,7 +185,9 @@ impl Channel {
                     return Ok(());
                 }
             }
-            let read_too = self.reads_on_runtime.load(Ordering::Acquire);
+            // Not from within reading (a message handled that writes): that read goes on.
+            let read_too =
+                self.reads_on_runtime.load(Ordering::Acquire) && !READING.with(Cell::get);
             if corral_sys::fd::wait_room_or_readable(self.stream.as_fd(), read_too)? {
                 self.read_while_writing();
             }
@@ -223,7 +226,10 @@ impl Channel {
     ) -> io::Result<bool> {
         let mut received = Vec::new();
         let n = corral_sys::fd::recv_with_fds(fd, chunk, &mut received)?;
-        Ok(n > 0 && frames.feed(self, &chunk[..n], received))
+        READING.with(|reading| reading.set(true));
+        let fed = n > 0 && frames.feed(self, &chunk[..n], received);
+        READING.with(|reading| reading.set(false));
+        Ok(fed)
     }
 
     /// Starts reading the channel, once: on a thread of its own, or, called within a tokio
@@ -575,6 +581,11 @@ impl Channel {
         self.send(&WorkerMessage::Accepted { id: handed.id })?;
         Ok(handed)
     }
+}
+
+thread_local! {
+    /// This thread is handling what it read from the channel.
+    static READING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Bytes written to the channel: those not yet taken by the socket, and counts since the start
