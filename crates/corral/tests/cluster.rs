@@ -90,7 +90,7 @@ elif LB in ("rr", "least-conn"):
                   ("CORRAL_CHANNEL_FD", "3"))
 else:
     give_up("WEB_LB=%r is no mode" % LB)
-for name, wanted in wanted_env + (("CORRAL_CHANNEL_PROTOCOL", "1"),):
+for name, wanted in wanted_env + (("CORRAL_CHANNEL_PROTOCOL", "2"),):
     if os.environ.get(name) != wanted:
         give_up("%s=%r, expected %r" % (name, os.environ.get(name), wanted))
 
@@ -316,7 +316,7 @@ import os, socket, stat, sys, time
 import chan
 
 problems = []
-for name, wanted in (("CORRAL_CHANNEL_FD", "3"), ("CORRAL_CHANNEL_PROTOCOL", "1"),
+for name, wanted in (("CORRAL_CHANNEL_FD", "3"), ("CORRAL_CHANNEL_PROTOCOL", "2"),
                      ("CORRAL_WORKER_ID", os.environ.get("CORRAL_ID"))):
     if os.environ.get(name) != wanted:
         problems.append("%s=%r, expected %r" % (name, os.environ.get(name), wanted))

@@ -10,7 +10,8 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the channel protocol, given to workers in [`crate::env::CORRAL_CHANNEL_PROTOCOL`].
-pub const CHANNEL_PROTOCOL_VERSION: u32 = 1;
+/// 2 added state batches ([`STATE_BATCH`]): a worker sends them only to a master of 2 or more.
+pub const CHANNEL_PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame on a worker channel: 1 MiB.
 pub const MAX_CHANNEL_FRAME_LEN: usize = 1024 * 1024;

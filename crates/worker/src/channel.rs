@@ -80,6 +80,8 @@ pub(crate) struct Channel {
     changed: Condvar,
     /// Report closed connections (least-conn mode counts them).
     pub report_closes: bool,
+    /// Write key/value calls in state batch frames (the master takes them).
+    pub batches: bool,
     /// Whether a shutdown began, for any number of async waiters.
     #[cfg(feature = "tokio")]
     shutdown_signal: ::tokio::sync::watch::Sender<bool>,
@@ -107,7 +109,11 @@ pub(crate) fn get() -> Option<&'static Channel> {
             let raw: i32 = std::env::var(env::CORRAL_CHANNEL_FD).ok()?.parse().ok()?;
             let fd = corral_sys::fd::take_inherited_fd(raw).ok()?;
             let report_closes = std::env::var(env::CORRAL_LB).as_deref() == Ok("least-conn");
-            Some(Channel::new(UnixStream::from(fd), report_closes))
+            let mut channel = Channel::new(UnixStream::from(fd), report_closes);
+            // A master older than state batches (protocol 1) gets `state` messages only.
+            let protocol = std::env::var(env::CORRAL_CHANNEL_PROTOCOL).ok();
+            channel.batches = protocol.and_then(|p| p.parse::<u32>().ok()).unwrap_or(1) >= 2;
+            Some(channel)
         })
         .as_ref()
 }
@@ -134,6 +140,7 @@ impl Channel {
             inbox: Mutex::default(),
             changed: Condvar::new(),
             report_closes,
+            batches: true,
             #[cfg(feature = "tokio")]
             shutdown_signal: ::tokio::sync::watch::Sender::new(false),
             next_id: AtomicU64::new(1),
@@ -716,8 +723,24 @@ pub(crate) mod testing {
 
     /// A channel whose master end the test holds, not read yet: the test starts reading.
     pub(crate) fn unread_channel() -> (&'static Channel, UnixStream) {
+        unread_channel_of(Channel::new)
+    }
+
+    /// A channel to a master of channel protocol 1 (no state batches), read by its thread.
+    pub(crate) fn channel_to_protocol_1() -> (&'static Channel, UnixStream) {
+        let (channel, master) = unread_channel_of(|socket, report_closes| Channel {
+            batches: false,
+            ..Channel::new(socket, report_closes)
+        });
+        channel.listen_on_thread();
+        (channel, master)
+    }
+
+    fn unread_channel_of(
+        make: impl FnOnce(UnixStream, bool) -> Channel,
+    ) -> (&'static Channel, UnixStream) {
         let (master, worker) = UnixStream::pair().unwrap();
-        let channel: &'static Channel = Box::leak(Box::new(Channel::new(worker, false)));
+        let channel: &'static Channel = Box::leak(Box::new(make(worker, false)));
         // A test that goes wrong fails instead of hanging.
         master
             .set_read_timeout(Some(std::time::Duration::from_secs(20)))

@@ -254,8 +254,10 @@ mod tests {
 
     use super::*;
     use crate::channel::testing::{
-        answer, channel, read_call, refuse, reply_as_redis, write_frame,
+        answer, channel, channel_to_protocol_1, read_call, read_message, refuse, reply_as_redis,
+        write_frame,
     };
+    use corral_proto::channel::WorkerMessage;
     use corral_proto::channel::refusal;
 
     const LONG: Duration = Duration::from_secs(20);
@@ -518,6 +520,27 @@ mod tests {
             failed("Redis at redis://127.0.0.1:1/0 is unreachable: gone".into())
         );
         master.join().unwrap();
+    }
+
+    #[test]
+    fn a_master_of_protocol_1_gets_state_messages_only() {
+        let (channel, master) = channel_to_protocol_1();
+        let state = State::on(Some(channel));
+        let calls = vec![
+            StateCall::Get { key: "a".into() },
+            StateCall::Incr {
+                key: "n".into(),
+                by: 1,
+            },
+        ];
+        let caller = thread::spawn(move || state.call_many(calls));
+        for ok in [json!("A"), json!(1)] {
+            let WorkerMessage::State { id, .. } = read_message(&master) else {
+                panic!("not a state message");
+            };
+            write_frame(&master, &json!({"type": "state", "id": id, "ok": ok}));
+        }
+        assert_eq!(caller.join().unwrap(), [Ok(json!("A")), Ok(json!(1))]);
     }
 
     #[test]

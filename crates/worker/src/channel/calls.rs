@@ -466,7 +466,12 @@ impl Channel {
         let mut sent = Sent::default();
         for (index, call) in calls.into_iter().enumerate() {
             let id = first + index as u64;
-            let written = match frames.command(id, call) {
+            let command = if self.batches {
+                frames.command(id, call)
+            } else {
+                Written::NotBatched(call)
+            };
+            let written = match command {
                 Written::Batched { shape, new_frame } => {
                     sent.batched(index, shape, new_frame);
                     continue;
