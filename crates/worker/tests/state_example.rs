@@ -65,6 +65,7 @@ impl Worker {
         }
         command
             .env("CORRAL_CHANNEL_FD", "3")
+            .env("CORRAL_CHANNEL_PROTOCOL", "2")
             .env("CORRAL_WORKER_ID", "5")
             .env("CORRAL_APP", "state")
             .envs(env.iter().copied())
