@@ -604,6 +604,10 @@ impl Supervisor {
                 });
                 return;
             }
+            Request::Reset { .. } | Request::Events { .. } => error(
+                ErrorKind::BadFrame,
+                "this daemon does not serve that request yet",
+            ),
             Request::Logs { .. } => error(
                 ErrorKind::BadFrame,
                 "logs requests are served by the connection, not the supervisor",
@@ -990,6 +994,7 @@ impl Supervisor {
             spec: app.spec.clone(),
             instances,
             log_files,
+            events: Vec::new(),
         }))
     }
 
@@ -2333,6 +2338,7 @@ impl Supervisor {
             status: inst.status,
             uptime_ms: uptime.map(|u| u.as_millis() as u64),
             restarts: inst.tracker.total_restarts(),
+            last_restart: None,
             unstable_restarts: inst.tracker.unstable_restarts(),
             cpu_percent,
             memory_bytes,

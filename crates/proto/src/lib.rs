@@ -21,17 +21,21 @@
 #![warn(missing_docs)]
 
 pub mod channel;
+pub mod checks;
 pub mod env;
+pub mod event;
 pub mod frame;
 pub mod message;
 pub mod resp;
 pub mod signal;
 
+pub use checks::{HealthCheck, Probe, ReadyWhen};
+pub use event::LifecycleEvent;
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use message::*;
 
 /// Version of the control protocol. Bumped on every incompatible change to [`message`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Version of the corral package that built this crate.
 pub const PACKAGE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -32,6 +32,20 @@ pub struct Welcome {
 pub enum Request {
     /// Is the daemon there?
     Ping,
+    /// Clear the restart counters of instances (PM2's `reset`).
+    Reset {
+        /// `all`, an app name or an instance id.
+        target: String,
+    },
+    /// Recent lifecycle events, and with `follow` every new one until the client leaves.
+    Events {
+        /// An app name or instance id; `None` for every app.
+        target: Option<String>,
+        /// How many of the most recent events to send first.
+        lines: usize,
+        /// Keep streaming new events.
+        follow: bool,
+    },
     /// Start new apps. Fails as a whole, starting nothing, when any spec is refused.
     Start {
         /// The apps, validated by the client and again by the daemon.
@@ -192,6 +206,11 @@ pub enum Response {
     },
     /// The end of a log answer without `follow`.
     LogEnd,
+    /// A batch of lifecycle events, oldest first.
+    Events {
+        /// The events.
+        events: Vec<crate::LifecycleEvent>,
+    },
     /// A value: a state operation's result, an instance's answer to `send --reply`.
     Value {
         /// Any JSON.
@@ -327,6 +346,39 @@ pub struct AppSpec {
     /// Where the app's shared state lives.
     #[serde(default)]
     pub state: StateBackend,
+    /// Restart an instance gracefully once the resident memory of its whole process group
+    /// exceeds this many bytes (PM2's `max_memory_restart`).
+    #[serde(default)]
+    pub max_memory_restart: Option<u64>,
+    /// A cron expression (5 fields, or 6 with seconds first): restart at every match, as a
+    /// rolling reload when the app has a master-owned listener (PM2's `cron_restart`).
+    #[serde(default)]
+    pub cron_restart: Option<String>,
+    /// Absolute paths to watch; a change reloads the app (restarts it in fork mode). Empty:
+    /// no watching (PM2's `watch`).
+    #[serde(default)]
+    pub watch: Vec<PathBuf>,
+    /// Glob patterns of paths whose changes are ignored, besides `node_modules` and `.git`
+    /// (PM2's `ignore_watch`).
+    #[serde(default)]
+    pub ignore_watch: Vec<String>,
+    /// Quiet time after the last change before the reload starts (PM2's `watch_delay`).
+    #[serde(default = "defaults::watch_delay_ms")]
+    pub watch_delay_ms: u64,
+    /// Exit codes that mean "done": such an exit is not restarted and not a crash (PM2's
+    /// `stop_exit_codes`).
+    #[serde(default)]
+    pub stop_exit_codes: Vec<i32>,
+    /// A health check; failing, the instance is restarted gracefully.
+    #[serde(default)]
+    pub health: Option<crate::HealthCheck>,
+    /// What makes a new process ready.
+    #[serde(default)]
+    pub ready_when: crate::ReadyWhen,
+    /// With a value, each process must send `WATCHDOG=1` (sd_notify) at least this often once
+    /// ready, or it is restarted (systemd's `WatchdogSec`); it gets `WATCHDOG_USEC`.
+    #[serde(default)]
+    pub watchdog_ms: Option<u64>,
 }
 
 /// How to run an app's agent. It shares the app's working directory, environment and restart
@@ -538,6 +590,10 @@ pub mod defaults {
     pub fn listen_timeout_ms() -> u64 {
         3000
     }
+    /// Half a second of quiet after the last change of a watched file.
+    pub fn watch_delay_ms() -> u64 {
+        500
+    }
 }
 
 impl AppSpec {
@@ -570,6 +626,15 @@ impl AppSpec {
             shutdown_with_message: false,
             agent: None,
             state: StateBackend::Memory,
+            max_memory_restart: None,
+            cron_restart: None,
+            watch: Vec::new(),
+            ignore_watch: Vec::new(),
+            watch_delay_ms: defaults::watch_delay_ms(),
+            stop_exit_codes: Vec::new(),
+            health: None,
+            ready_when: crate::ReadyWhen::Default,
+            watchdog_ms: None,
         }
     }
 }
@@ -592,6 +657,9 @@ pub enum Status {
     Starting,
     /// Running and ready.
     Online,
+    /// Running, but it left connections handed to it unacknowledged past their deadline (or
+    /// its health check is failing): it gets no new connection until it answers again.
+    Unresponsive,
     /// Replaced (by a reload, or because it said it is going down): finishing its work, about to
     /// be stopped; gone from the list once it exits.
     Draining,
@@ -610,6 +678,7 @@ impl fmt::Display for Status {
         f.write_str(match self {
             Status::Starting => "starting",
             Status::Online => "online",
+            Status::Unresponsive => "unresponsive",
             Status::Draining => "draining",
             Status::Stopping => "stopping",
             Status::Stopped => "stopped",
@@ -634,8 +703,11 @@ pub struct InstanceInfo {
     pub status: Status,
     /// Time since the current process started.
     pub uptime_ms: Option<u64>,
-    /// Automatic restarts so far.
+    /// Restarts so far, whatever their cause (PM2's `restart_time`); `corral reset` clears it.
     pub restarts: u32,
+    /// The cause of the last restart (`crash`, `reload`, `memory`, ...).
+    #[serde(default)]
+    pub last_restart: Option<String>,
     /// Unstable exits in a row.
     pub unstable_restarts: u32,
     /// CPU use since the previous sample, in percent of one core.
@@ -672,6 +744,9 @@ pub struct AppInfo {
     pub instances: Vec<InstanceInfo>,
     /// Log files per instance index: (index, stdout path, stderr path).
     pub log_files: Vec<(u32, PathBuf, PathBuf)>,
+    /// The app's last lifecycle events, oldest first.
+    #[serde(default)]
+    pub events: Vec<crate::LifecycleEvent>,
 }
 
 /// One line of a program's output.
