@@ -29,6 +29,9 @@
 
 #![warn(missing_docs)]
 
+pub mod lifecycle;
+pub mod rolling;
+
 use std::time::Duration;
 
 /// Growth factor of every backoff: each delay is the previous one times this.
