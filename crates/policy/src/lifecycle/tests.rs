@@ -748,11 +748,11 @@ fn random_inputs_keep_the_invariants() {
             ) {
                 assert_eq!(s.slot.routable(), None);
             }
-            let mut seen: Vec<u32> = s.slot.procs().map(|p| p.pid).collect();
-            let count = seen.len();
-            seen.sort_unstable();
-            seen.dedup();
-            assert_eq!(seen.len(), count, "a pid in two roles");
+            let mut live: Vec<u32> = s.slot.procs().map(|p| p.pid).collect();
+            let count = live.len();
+            live.sort_unstable();
+            live.dedup();
+            assert_eq!(live.len(), count, "a pid in two roles");
         }
     }
 }

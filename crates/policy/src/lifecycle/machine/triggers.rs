@@ -22,7 +22,7 @@ impl Run<'_> {
                     overlap,
                     young,
                 });
-                let wait = self.slot.replace_not_before - self.now;
+                let wait = self.slot.replace_not_before.saturating_sub(self.now);
                 self.timer_after(wait, Timer::ReplaceDue);
             }
             return;
