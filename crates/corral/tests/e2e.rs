@@ -288,14 +288,15 @@ fn a_crash_loop_ends_errored_stays_down_and_restart_resets_it() {
         assert!(table.contains(words), "no {words:?} in:\n{table}");
     }
 
-    // A restart by the user clears the count: three more restarts before it is errored again.
+    // A restart by the user clears the crash-loop count (three more restarts before it is
+    // errored again) and counts as a restart itself, as PM2's restart_time does: 3 + 1 + 3.
     let restarted = home.ok(&["restart", "crash"]);
     assert!(restarted.contains("starting"), "{restarted}");
     let list = home.wait_app(
         Duration::from_secs(20),
         "crash",
         "errored again after 3 more restarts",
-        |list| errored(list) && restarts(&list[0]) == 6,
+        |list| errored(list) && restarts(&list[0]) == 7,
     );
     assert_eq!(list[0]["unstable_restarts"], 3);
     assert_eq!(home.log("crash", 0, "out").matches("crashing").count(), 8);
@@ -976,9 +977,9 @@ fn connect(home: &Home) -> UnixStream {
 
 fn hello(home: &Home) -> UnixStream {
     let mut stream = connect(home);
-    write_frame(&mut stream, br#"{"protocol":1,"version":"e2e"}"#);
+    write_frame(&mut stream, br#"{"protocol":2,"version":"e2e"}"#);
     let welcome = read_frame(&mut stream).expect("a welcome");
-    assert_eq!(welcome["protocol"], 1, "{welcome}");
+    assert_eq!(welcome["protocol"], 2, "{welcome}");
     stream
 }
 
@@ -1081,7 +1082,7 @@ fn the_cli_reports_a_daemon_of_another_version() {
     });
     let err = home.fails(&["ls"]);
     let hello = fake.join().unwrap();
-    assert_eq!(hello["protocol"], 1, "{hello}");
+    assert_eq!(hello["protocol"], 2, "{hello}");
     assert!(err.contains(message), "{err}");
     // No daemon of ours was started behind the fake's back.
     assert_eq!(home.daemon_pid(), None);

@@ -571,21 +571,24 @@ fn a_worker_stuck_in_its_disconnect_gets_the_stop_signal_then_sigkill() {
     let began = Instant::now();
     home.ok(&["stop", "stuck"]);
     let took = began.elapsed();
-    // `disconnect`, then SIGTERM (ignored) after 500 ms, then SIGKILL after 500 ms more.
+    // `disconnect`, SIGTERM (ignored) halfway through the kill timeout, SIGKILL at its end:
+    // a stop takes the kill timeout the user gave, not twice that.
     assert!(
-        took >= Duration::from_millis(950),
+        took >= Duration::from_millis(450),
         "stop waited for the disconnect and the stop signal: {took:?}"
     );
     assert!(
-        took < Duration::from_secs(5),
+        took < Duration::from_millis(1500),
         "stop took {took:?} with a kill timeout of 500ms"
     );
     assert_groups_gone(&pids);
     let log = daemon_log(&home);
     for pid in &pids {
         let asked =
-            format!("pid {pid} of app 'stuck' did not exit within 500ms of being asked to leave");
-        let killed = format!("(pid {pid}) did not stop within its kill timeout: sending SIGKILL");
+            format!("app 'stuck' pid {pid} did not exit within 250ms of being asked to leave");
+        let killed = format!(
+            "app 'stuck' pid {pid} did not stop within its kill timeout (500ms): sending SIGKILL"
+        );
         let (Some(a), Some(k)) = (log.find(&asked), log.find(&killed)) else {
             panic!("daemon.log says that {pid} was signaled, then killed:\n{log}");
         };

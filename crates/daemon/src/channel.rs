@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 
 use crate::balance::{Codec, Conduit};
 use crate::bus::Bus;
+use crate::inbox::Event;
 use crate::node::{self, Cluster, FromWorker};
-use crate::supervisor::Event;
 
 /// The master's end as a tokio stream.
 pub fn open(fd: OwnedFd) -> io::Result<UnixStream> {

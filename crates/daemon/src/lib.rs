@@ -16,6 +16,7 @@ pub mod bus;
 pub mod channel;
 pub mod dump;
 pub mod home;
+pub mod inbox;
 pub mod listeners;
 pub mod logs;
 pub mod node;

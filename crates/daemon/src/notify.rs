@@ -9,7 +9,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use corral_proto::channel::WorkerMessage;
 use tokio::sync::mpsc;
 
-use crate::supervisor::Event;
+use crate::inbox::Event;
 
 /// One worker's notify socket, bound but not yet read.
 #[derive(Debug)]

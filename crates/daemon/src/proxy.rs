@@ -31,6 +31,8 @@ pub struct Router {
     backends: Mutex<Vec<SocketAddr>>,
     next: AtomicUsize,
     changed: Notify,
+    /// Connections being relayed, per worker: a retired worker is signaled once its count is 0.
+    open: Mutex<std::collections::HashMap<SocketAddr, usize>>,
 }
 
 impl Router {
@@ -41,6 +43,27 @@ impl Router {
             *current = backends;
             drop(current);
             self.changed.notify_waiters();
+        }
+    }
+
+    /// How many connections are being relayed to `backend` now.
+    pub fn open_to(&self, backend: SocketAddr) -> usize {
+        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.get(&backend).copied().unwrap_or(0)
+    }
+
+    fn opened(&self, backend: SocketAddr) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        *open.entry(backend).or_insert(0) += 1;
+    }
+
+    fn closed(&self, backend: SocketAddr) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&backend) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&backend);
+            }
         }
     }
 
@@ -95,7 +118,9 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, router: Arc<Rou
             tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend)).await
         {
             let _ = worker.set_nodelay(true);
+            router.opened(backend);
             let _ = tokio::io::copy_bidirectional(&mut client, &mut worker).await;
+            router.closed(backend);
             return;
         }
         // That worker is gone or not listening yet: the next one, pausing a little more after
@@ -115,17 +140,34 @@ pub async fn probe(
     port: u16,
     pid: u32,
     limit: Duration,
-    events: tokio::sync::mpsc::UnboundedSender<crate::supervisor::Event>,
+    events: tokio::sync::mpsc::UnboundedSender<crate::inbox::Event>,
 ) {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
         if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             let message = corral_proto::channel::WorkerMessage::Ready;
-            let _ = events.send(crate::supervisor::Event::Worker { pid, message });
+            let _ = events.send(crate::inbox::Event::Worker { pid, message });
             return;
         }
         tokio::time::sleep(PROBE_INTERVAL).await;
     }
+}
+
+/// A retired worker's drain: once no connection is relayed to its `port` any more (or after
+/// `limit`), `done` is sent, so that it gets its stop signal with nothing in flight.
+pub async fn drained(
+    router: Arc<Router>,
+    port: u16,
+    limit: Duration,
+    done: crate::inbox::Event,
+    events: tokio::sync::mpsc::UnboundedSender<crate::inbox::Event>,
+) {
+    let backend = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = tokio::time::Instant::now() + limit;
+    while router.open_to(backend) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+    let _ = events.send(done);
 }
 
 /// A free loopback port for a worker, chosen by the kernel.

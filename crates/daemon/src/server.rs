@@ -16,8 +16,8 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::bus::Bus;
+use crate::inbox::{Event, LogSource};
 use crate::logs::Follower;
-use crate::supervisor::{Event, LogSource};
 
 const MAX_CONNECTIONS: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -155,6 +155,16 @@ async fn connection(
                     return;
                 }
             }
+            Request::Events {
+                target,
+                lines,
+                follow,
+            } => {
+                let _ = events_feed(&mut stream, &events, target, lines, follow).await;
+                if follow {
+                    return;
+                }
+            }
             Request::Kill => {
                 let response = ask(&events, Request::Kill).await;
                 let _ = frame::write(&mut stream, &response).await;
@@ -284,6 +294,59 @@ async fn logs(
     }
     readers.abort_all();
     Ok(())
+}
+
+/// `corral events`: the recent events of the target, then with `follow` every new one until
+/// the client leaves. A follower too slow for the daemon's backlog is told how many it missed.
+async fn events_feed(
+    stream: &mut UnixStream,
+    events: &mpsc::UnboundedSender<Event>,
+    target: Option<String>,
+    lines: usize,
+    follow: bool,
+) -> Result<(), FrameError> {
+    let (reply, answer) = oneshot::channel();
+    let _ = events.send(Event::Events {
+        target,
+        lines,
+        reply,
+    });
+    let mut feed = match answer.await {
+        Ok(Ok(feed)) => feed,
+        Ok(Err(response)) => return frame::write(stream, &response).await,
+        Err(_) => {
+            let response = Response::error(ErrorKind::ShuttingDown, "the daemon is shutting down");
+            return frame::write(stream, &response).await;
+        }
+    };
+    let recent = std::mem::take(&mut feed.recent);
+    frame::write(stream, &Response::Events { events: recent }).await?;
+    if !follow {
+        return frame::write(stream, &Response::LogEnd).await;
+    }
+    let mut probe = [0u8; 64];
+    loop {
+        tokio::select! {
+            next = feed.live.recv() => match next {
+                Ok(event) if feed.filter.as_ref().is_none_or(|f| f.wants(&event)) => {
+                    frame::write(stream, &Response::Events { events: vec![event] }).await?;
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    let message = format!(
+                        "this follower fell {missed} event(s) behind and missed them; the rest \
+                         follows"
+                    );
+                    frame::write(stream, &Response::Done { message }).await?;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            read = stream.read(&mut probe) => match read {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            },
+        }
+    }
 }
 
 async fn send_lines(

@@ -73,7 +73,7 @@ impl Run<'_> {
             self.enter(to, Some(pid), cause, detail);
             return;
         }
-        self.finish_replace(Err(format!("its new process {how}")));
+        self.finish_replace(Err(how.clone()));
         let mut policy = self.settings.restart;
         if never_ready {
             policy.min_uptime = Duration::MAX;
