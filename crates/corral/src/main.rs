@@ -5,6 +5,7 @@ mod args;
 mod client;
 mod config;
 mod ecosystem;
+mod policies;
 mod render;
 
 use std::collections::BTreeMap;
