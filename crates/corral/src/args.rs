@@ -98,6 +98,14 @@ pub enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// Clear the restart counters of instances.
+    Reset {
+        /// App name, instance id, or `all`.
+        target: String,
+    },
+    /// Print recent lifecycle events (every change of status, with its cause); with -f, keep
+    /// printing new ones.
+    Events(EventsArgs),
     /// Print recent log lines; with -f, keep printing new ones.
     Logs(LogsArgs),
     /// Empty log files.
@@ -286,6 +294,22 @@ pub struct LogsArgs {
     pub raw: bool,
 }
 
+/// `corral events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// App name or instance id; every app when left out.
+    pub target: Option<String>,
+    /// How many recent events.
+    #[arg(long, default_value_t = 20)]
+    pub lines: usize,
+    /// Keep printing new events.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Print each event as one line of JSON (JSON Lines).
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `corral state`.
 #[derive(Debug, Subcommand)]
 pub enum StateCommand {
@@ -353,4 +377,49 @@ pub enum StateCommand {
         /// The message.
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn the_definitions_hold_together() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn events_show_20_by_default_and_take_follow_and_json() {
+        let Command::Events(args) = Cli::try_parse_from(["corral", "events"]).unwrap().command
+        else {
+            panic!("not events")
+        };
+        assert_eq!(
+            (args.target, args.lines, args.follow, args.json),
+            (None, 20, false, false)
+        );
+        let parsed =
+            Cli::try_parse_from(["corral", "events", "api", "--lines", "5", "-f", "--json"]);
+        let Command::Events(args) = parsed.unwrap().command else {
+            panic!("not events")
+        };
+        assert_eq!(
+            (args.target.as_deref(), args.lines, args.follow, args.json),
+            (Some("api"), 5, true, true)
+        );
+    }
+
+    #[test]
+    fn reset_needs_a_target() {
+        assert!(Cli::try_parse_from(["corral", "reset"]).is_err());
+        let Command::Reset { target } = Cli::try_parse_from(["corral", "reset", "all"])
+            .unwrap()
+            .command
+        else {
+            panic!("not reset")
+        };
+        assert_eq!(target, "all");
+    }
 }
