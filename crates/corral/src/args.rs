@@ -231,6 +231,11 @@ pub struct StartArgs {
     /// 300M, 1G [default: off].
     #[arg(long, value_name = "SIZE")]
     pub max_memory_restart: Option<String>,
+    /// Restart the app at every time matching this cron expression, in local time: 5 fields
+    /// (minute hour day month weekday: "0 3 * * *"), 6 with seconds first, or @daily, @hourly,
+    /// ...; a rolling reload when the master owns its listener [default: off].
+    #[arg(long, value_name = "EXPR", visible_alias = "cron")]
+    pub cron_restart: Option<String>,
     /// Reload the app when a file changes under these paths (relative to its working directory;
     /// with no path, that directory itself). Give it after the script, or end its paths with
     /// another option [default: off].

@@ -425,6 +425,7 @@ parsed_field!(lb_field, LbMode, parse_lb);
 parsed_field!(exec_mode_field, ExecMode, parse_exec_mode);
 parsed_field!(state_field, StateBackend, str::parse::<StateBackend>);
 parsed_field!(memory_field, u64, policies::parse_memory_limit);
+parsed_field!(cron_field, String, policies::parse_cron);
 parsed_field!(
     positive_duration_field,
     u64,
@@ -501,6 +502,8 @@ struct ConfigApp {
     state: Option<StateBackend>,
     #[serde(default, deserialize_with = "memory_field")]
     max_memory_restart: Option<u64>,
+    #[serde(default, deserialize_with = "cron_field")]
+    cron_restart: Option<String>,
     #[serde(default, deserialize_with = "watch_field")]
     watch: Watch,
     #[serde(default, deserialize_with = "globs_field")]
@@ -575,7 +578,7 @@ pub fn specs_from_file(path: &Path) -> Result<Vec<AppSpec>> {
             policies: Policies {
                 naming: policies::Naming::Keys,
                 max_memory_restart: app.max_memory_restart,
-                cron_restart: None,
+                cron_restart: app.cron_restart,
                 watch: app.watch,
                 ignore_watch: app.ignore_watch,
                 watch_delay_ms: app.watch_delay,
@@ -673,6 +676,7 @@ mod tests {
 name = "api"
 script = "/bin/true"
 max_memory_restart = "300M"
+cron_restart = "0 3 * * *"
 watch = ["src"]
 ignore_watch = ["*.log", "tmp"]
 watch_delay = "1s"
@@ -696,6 +700,7 @@ stop_exit_codes = 2
         let root = std::fs::canonicalize(dir.path()).unwrap();
         let api = &specs[0];
         assert_eq!(api.max_memory_restart, Some(300 << 20));
+        assert_eq!(api.cron_restart.as_deref(), Some("0 3 * * *"));
         assert_eq!(api.watch, [root.join("src")]);
         assert_eq!(api.ignore_watch, ["*.log", "tmp"]);
         assert_eq!(api.watch_delay_ms, 1000);
@@ -720,6 +725,7 @@ stop_exit_codes = 2
         for (line, says) in [
             ("max_memory_restart = 0", "would restart the app"),
             ("max_memory_restart = \"lots\"", "not a size"),
+            ("cron_restart = \"0 25 * * *\"", "not a cron expression"),
             ("watch = 3", "3 is not true, false or a list of paths"),
             ("watch = [\"src\", 1]", "1 is not a path"),
             ("ignore_watch = [\"\"]", "empty pattern"),

@@ -136,6 +136,8 @@ const KNOWN: &[&str] = &[
     "listen_timeout",
     "shutdown_with_message",
     "max_memory_restart",
+    "cron_restart",
+    "cron",
     "watch",
     "ignore_watch",
     "watch_delay",
@@ -338,6 +340,20 @@ fn app_spec(
     Ok((spec, left_out))
 }
 
+/// PM2's `cron_restart`, which PM2 also takes as `cron`.
+fn cron_restart(keys: &Keys) -> Result<Option<String>> {
+    let long = keys.parsed("cron_restart", policies::parse_cron)?;
+    let short = keys.parsed("cron", policies::parse_cron)?;
+    match (long, short) {
+        (Some(long), Some(short)) if long != short => bail!(
+            "{}: `cron_restart` ('{long}') and `cron` ('{short}') are two names of one option and \
+             disagree: keep one",
+            keys.origin
+        ),
+        (long, short) => Ok(long.or(short)),
+    }
+}
+
 /// The lifecycle policies of one app: PM2's keys, and corral's own.
 fn app_policies(keys: &Keys, left_out: &mut Vec<(String, &'static str)>) -> Result<Policies> {
     let watch = keys.shaped("watch", policies::watch_from_json)?;
@@ -355,7 +371,7 @@ fn app_policies(keys: &Keys, left_out: &mut Vec<(String, &'static str)>) -> Resu
     Ok(Policies {
         naming: Naming::Keys,
         max_memory_restart: keys.parsed("max_memory_restart", policies::parse_memory_limit)?,
-        cron_restart: None,
+        cron_restart: cron_restart(keys)?,
         watch,
         ignore_watch,
         watch_delay_ms,
@@ -439,10 +455,11 @@ mod tests {
         let (dir, read) = read(
             r#"[{"name": "api", "script": "server.js", "watch": true,
                  "ignore_watch": ["*.log", "tmp"], "watch_delay": 1000,
-                 "max_memory_restart": "300M", "stop_exit_codes": [0, 3]},
+                 "max_memory_restart": "300M", "stop_exit_codes": [0, 3],
+                 "cron_restart": "0 3 * * *"},
                 {"name": "web", "script": "server.js", "watch": ["src"],
                  "ignore_watch": "*.tmp dist", "max_memory_restart": 1048576,
-                 "stop_exit_codes": 2}]"#,
+                 "stop_exit_codes": 2, "cron": "*/15 * * * *"}]"#,
         );
         let (specs, ignored) = read.unwrap();
         assert!(ignored.is_empty(), "{ignored:?}");
@@ -453,12 +470,14 @@ mod tests {
         assert_eq!(api.watch_delay_ms, 1000);
         assert_eq!(api.max_memory_restart, Some(300 << 20));
         assert_eq!(api.stop_exit_codes, [0, 3]);
+        assert_eq!(api.cron_restart.as_deref(), Some("0 3 * * *"));
         let web = &specs[1];
         assert_eq!(web.watch, [root.join("src")]);
         assert_eq!(web.ignore_watch, ["*.tmp", "dist"]);
         assert_eq!(web.watch_delay_ms, 500);
         assert_eq!(web.max_memory_restart, Some(1 << 20));
         assert_eq!(web.stop_exit_codes, [2]);
+        assert_eq!(web.cron_restart.as_deref(), Some("*/15 * * * *"));
     }
 
     #[test]
@@ -515,6 +534,18 @@ mod tests {
             (
                 r#""max_memory_restart": "lots""#,
                 "`max_memory_restart` 'lots' is not a size",
+            ),
+            (
+                r#""cron_restart": "0 3 * * * * *""#,
+                "`cron_restart` '0 3 * * * * *' is not a cron expression",
+            ),
+            (
+                r#""cron": "soon""#,
+                "`cron` 'soon' is not a cron expression",
+            ),
+            (
+                r#""cron_restart": "0 3 * * *", "cron": "0 4 * * *""#,
+                "`cron_restart` ('0 3 * * *') and `cron` ('0 4 * * *')",
             ),
             (
                 r#""watch": 3"#,

@@ -121,6 +121,12 @@ pub fn parse_exit_codes(text: &str) -> Result<Vec<i32>, String> {
     Ok(codes)
 }
 
+/// A cron expression, checked by the daemon's own parser, so that what `start` accepts is what
+/// the daemon runs.
+pub fn parse_cron(text: &str) -> Result<String, String> {
+    corral_daemon::cron::Schedule::parse(text).map(|schedule| schedule.expression().to_string())
+}
+
 /// A health check probe.
 pub fn parse_probe(text: &str) -> Result<Probe, String> {
     text.parse()
@@ -236,7 +242,7 @@ pub fn from_args(args: &StartArgs) -> Result<Policies> {
             "max-memory-restart",
             parse_memory_limit,
         )?,
-        cron_restart: None,
+        cron_restart: opt(args.cron_restart.as_deref(), "cron-restart", parse_cron)?,
         watch: match &args.watch {
             None => Watch::Off,
             Some(paths) if paths.is_empty() => Watch::Cwd,
@@ -540,6 +546,24 @@ mod tests {
         assert_says(
             &refused(dir.path(), &["--max-memory-restart", "0"]),
             &["--max-memory-restart", "'0'"],
+        );
+    }
+
+    #[test]
+    fn start_takes_a_cron_restart_checked_by_the_daemon_s_parser() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = start(dir.path(), &["--cron-restart", " 0 3 * * * "]).unwrap();
+        assert_eq!(spec.cron_restart.as_deref(), Some("0 3 * * *"));
+        // PM2's short name.
+        let spec = start(dir.path(), &["--cron", "@daily"]).unwrap();
+        assert_eq!(spec.cron_restart.as_deref(), Some("@daily"));
+        assert_says(
+            &refused(dir.path(), &["--cron-restart", "61 * * * *"]),
+            &["--cron-restart", "'61 * * * *' is not a cron expression"],
+        );
+        assert_says(
+            &refused(dir.path(), &["--cron-restart", "0 3 * *"]),
+            &["--cron-restart", "4 fields"],
         );
     }
 
