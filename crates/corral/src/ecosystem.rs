@@ -227,6 +227,24 @@ impl Keys<'_> {
         )
     }
 
+    /// `env`: an object whose values are strings or numbers, as PM2 writes them.
+    fn env(&self) -> Result<BTreeMap<String, String>> {
+        match self.get("env") {
+            None => Ok(BTreeMap::new()),
+            Some(Value::Object(vars)) => Ok(vars
+                .iter()
+                .map(|(k, v)| {
+                    let value = match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    (k.clone(), value)
+                })
+                .collect()),
+            Some(_) => Err(self.bad("env", "is not an object")),
+        }
+    }
+
     fn list(&self, key: &str) -> Result<Vec<String>> {
         match self.get(key) {
             None => Ok(Vec::new()),
@@ -241,6 +259,25 @@ impl Keys<'_> {
             Some(_) => Err(self.bad(key, "is not a string or a list of strings")),
         }
     }
+}
+
+/// The keys corral does not map, with why: plain unsupported ones first, then those with a reason
+/// of their own.
+fn unsupported(app: &Map<String, Value>) -> Vec<(String, &'static str)> {
+    let mut left_out: Vec<(String, &'static str)> = app
+        .keys()
+        .filter(|k| !KNOWN.contains(&k.as_str()))
+        .map(|k| {
+            let why = if k == "watch_options" {
+                CHOKIDAR
+            } else {
+                UNSUPPORTED
+            };
+            (k.clone(), why)
+        })
+        .collect();
+    left_out.sort_by_key(|(_, why)| *why != UNSUPPORTED);
+    left_out
 }
 
 /// One app: its spec, and the keys left out with why.
@@ -268,45 +305,16 @@ fn app_spec(
         }
         Some(n) => Some(config::parse_instances(&n).map_err(|e| keys.bad("instances", &e))?),
     };
-    let mut env = BTreeMap::new();
-    match keys.get("env") {
-        None => {}
-        Some(Value::Object(vars)) => {
-            for (k, v) in vars {
-                let value = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                env.insert(k.clone(), value);
-            }
-        }
-        Some(_) => return Err(keys.bad("env", "is not an object")),
-    }
     let mut interpreter_args = keys.list("interpreter_args")?;
     interpreter_args.extend(keys.list("node_args")?);
-    let mut left_out: Vec<(String, &'static str)> = app
-        .keys()
-        .filter(|k| !KNOWN.contains(&k.as_str()))
-        .map(|k| {
-            (
-                k.clone(),
-                if k == "watch_options" {
-                    CHOKIDAR
-                } else {
-                    UNSUPPORTED
-                },
-            )
-        })
-        .collect();
-    // Those with a reason of their own after the plain unsupported ones.
-    left_out.sort_by_key(|(_, why)| *why != UNSUPPORTED);
+    let mut left_out = unsupported(app);
     let raw = Raw {
         name: keys.text("name")?,
         args: keys.list("args")?,
         instances,
         interpreter: keys.text("interpreter")?,
         interpreter_args,
-        env,
+        env: keys.env()?,
         autorestart: keys.flag("autorestart")?,
         time: keys.flag("time")?,
         min_uptime_ms: keys.duration("min_uptime")?,
