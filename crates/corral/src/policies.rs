@@ -287,7 +287,7 @@ pub fn from_args(args: &StartArgs) -> Result<Policies> {
 impl Policies {
     /// Checks the options together and against the app, and writes them into its spec (whose
     /// cwd, env and `wait_ready` are set already).
-    pub fn apply(self, spec: &mut AppSpec, origin: &dyn fmt::Display) -> Result<()> {
+    pub fn apply(&self, spec: &mut AppSpec, origin: &dyn fmt::Display) -> Result<()> {
         // A command line names no app in its origin ("start"); a file's origin does.
         let at = match self.naming {
             Naming::Flags => format!("{origin} {}", spec.name),
