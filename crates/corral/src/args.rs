@@ -98,6 +98,14 @@ pub enum Command {
         #[command(subcommand)]
         command: StateCommand,
     },
+    /// Clear the restart counters of instances.
+    Reset {
+        /// App name, instance id, or `all`.
+        target: String,
+    },
+    /// Print recent lifecycle events (every change of status, with its cause); with -f, keep
+    /// printing new ones.
+    Events(EventsArgs),
     /// Print recent log lines; with -f, keep printing new ones.
     Logs(LogsArgs),
     /// Empty log files.
@@ -219,6 +227,54 @@ pub struct StartArgs {
     /// in $CORRAL_HOME/state.json) or redis://host:port/db [default: memory].
     #[arg(long, value_name = "STORE")]
     pub state: Option<String>,
+    /// Restart an instance gracefully once the memory of its process group passes this size:
+    /// 300M, 1G [default: off].
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory_restart: Option<String>,
+    /// Restart the app at every time matching this cron expression, in local time: 5 fields
+    /// (minute hour day month weekday: "0 3 * * *"), 6 with seconds first, or @daily, @hourly,
+    /// ...; a rolling reload when the master owns its listener [default: off].
+    #[arg(long, value_name = "EXPR", visible_alias = "cron")]
+    pub cron_restart: Option<String>,
+    /// Reload the app when a file changes under these paths (relative to its working directory;
+    /// with no path, that directory itself). Give it after the script, or end its paths with
+    /// another option [default: off].
+    #[arg(long, value_name = "PATH", num_args = 0..)]
+    pub watch: Option<Vec<String>>,
+    /// With --watch: ignore changes to paths matching this glob (repeatable, or several in one
+    /// value separated by spaces); node_modules and .git are always ignored.
+    #[arg(long, value_name = "GLOB")]
+    pub ignore_watch: Vec<String>,
+    /// With --watch: quiet time after the last change before the reload starts [default: 500ms].
+    #[arg(long, value_name = "DURATION")]
+    pub watch_delay: Option<String>,
+    /// Exit codes that mean the program is done: such an exit is neither restarted nor a crash
+    /// (0 to 255, separated by commas) [default: none].
+    #[arg(long, value_name = "N,...", value_delimiter = ',')]
+    pub stop_exit_codes: Vec<String>,
+    /// A health check, restarting an instance gracefully when it fails: http://127.0.0.1:PORT/path
+    /// (a 2xx or 3xx answer), tcp:PORT (the port accepts) or exec:CMD (exit 0, run in the app's
+    /// directory) [default: none].
+    #[arg(long, value_name = "PROBE")]
+    pub health: Option<String>,
+    /// With --health: time between probes [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<String>,
+    /// With --health: how long a probe may take before it counts as failed; below the interval
+    /// [default: 2s].
+    #[arg(long, value_name = "DURATION")]
+    pub health_timeout: Option<String>,
+    /// With --health: failures in a row that restart the instance [default: 3].
+    #[arg(long, value_name = "N")]
+    pub health_failures: Option<String>,
+    /// What makes a new process ready: `probe` (only a passing --health probe, within
+    /// --listen-timeout) or `default` (a ready message, or --min-uptime up) [default: default].
+    #[arg(long, value_name = "WHEN")]
+    pub ready_when: Option<String>,
+    /// Each process must send WATCHDOG=1 (sd_notify) at least this often once ready, or it is
+    /// restarted; it gets WATCHDOG_USEC [default: off].
+    #[arg(long, value_name = "DURATION")]
+    pub watchdog: Option<String>,
 }
 
 /// `corral logs`.
@@ -241,6 +297,22 @@ pub struct LogsArgs {
     /// Print the lines without the app prefix.
     #[arg(long)]
     pub raw: bool,
+}
+
+/// `corral events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// App name or instance id; every app when left out.
+    pub target: Option<String>,
+    /// How many recent events.
+    #[arg(long, default_value_t = 20)]
+    pub lines: usize,
+    /// Keep printing new events.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Print each event as one line of JSON (JSON Lines).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `corral state`.
@@ -310,4 +382,49 @@ pub enum StateCommand {
         /// The message.
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn the_definitions_hold_together() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn events_show_20_by_default_and_take_follow_and_json() {
+        let Command::Events(args) = Cli::try_parse_from(["corral", "events"]).unwrap().command
+        else {
+            panic!("not events")
+        };
+        assert_eq!(
+            (args.target, args.lines, args.follow, args.json),
+            (None, 20, false, false)
+        );
+        let parsed =
+            Cli::try_parse_from(["corral", "events", "api", "--lines", "5", "-f", "--json"]);
+        let Command::Events(args) = parsed.unwrap().command else {
+            panic!("not events")
+        };
+        assert_eq!(
+            (args.target.as_deref(), args.lines, args.follow, args.json),
+            (Some("api"), 5, true, true)
+        );
+    }
+
+    #[test]
+    fn reset_needs_a_target() {
+        assert!(Cli::try_parse_from(["corral", "reset"]).is_err());
+        let Command::Reset { target } = Cli::try_parse_from(["corral", "reset", "all"])
+            .unwrap()
+            .command
+        else {
+            panic!("not reset")
+        };
+        assert_eq!(target, "all");
+    }
 }

@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use corral_proto::signal::Signal;
-use corral_proto::{AgentSpec, AppSpec, ExecMode, LbMode, StateBackend};
+use corral_proto::{AgentSpec, AppSpec, ExecMode, LbMode, Probe, ReadyWhen, StateBackend};
 use serde::{Deserialize, Deserializer};
 
 use crate::args::StartArgs;
+use crate::policies::{self, Policies, Watch};
 
 /// Most instances an app may have (the daemon checks this too).
 pub const MAX_INSTANCES: u32 = 1024;
@@ -113,7 +114,7 @@ pub fn find_on_path(program: &str) -> Option<PathBuf> {
         .find(|p| is_executable(p))
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     path.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
@@ -156,6 +157,7 @@ pub(crate) struct Raw {
     pub shutdown_with_message: Option<bool>,
     pub agent: Option<String>,
     pub state: Option<StateBackend>,
+    pub policies: Policies,
 }
 
 /// `fork` or `cluster`.
@@ -263,6 +265,7 @@ pub(crate) fn build(
         } else {
             ExecMode::Fork
         });
+    raw.policies.apply(&mut spec, origin)?;
     Ok(spec)
 }
 
@@ -379,6 +382,7 @@ pub fn spec_from_args(args: &StartArgs) -> Result<AppSpec> {
             .as_deref()
             .map(|s| s.parse().map_err(|e| anyhow!("--state: {e}")))
             .transpose()?,
+        policies: policies::from_args(args)?,
     };
     build(&args.script, &cwd, raw, &"start")
 }
@@ -420,6 +424,30 @@ parsed_field!(signal_field, i32, parse_signal);
 parsed_field!(lb_field, LbMode, parse_lb);
 parsed_field!(exec_mode_field, ExecMode, parse_exec_mode);
 parsed_field!(state_field, StateBackend, str::parse::<StateBackend>);
+parsed_field!(memory_field, u64, policies::parse_memory_limit);
+parsed_field!(cron_field, String, policies::parse_cron);
+parsed_field!(
+    positive_duration_field,
+    u64,
+    policies::parse_positive_duration
+);
+parsed_field!(failures_field, u32, policies::parse_failures);
+parsed_field!(probe_field, Probe, policies::parse_probe);
+parsed_field!(ready_when_field, ReadyWhen, policies::parse_ready_when);
+
+/// Deserializes a value that may take several shapes (`watch = true` or a list of paths) by
+/// reading it whole and converting it, so that a bad one is still reported with its line.
+macro_rules! shaped_field {
+    ($name:ident, $ty:ty, $convert:expr) => {
+        fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+            let value = serde_json::Value::deserialize(d)?;
+            $convert(&value).map_err(serde::de::Error::custom)
+        }
+    };
+}
+shaped_field!(watch_field, Watch, policies::watch_from_json);
+shaped_field!(globs_field, Vec<String>, policies::globs_from_json);
+shaped_field!(exit_codes_field, Vec<i32>, policies::exit_codes_from_json);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -472,6 +500,30 @@ struct ConfigApp {
     agent: Option<String>,
     #[serde(default, deserialize_with = "state_field")]
     state: Option<StateBackend>,
+    #[serde(default, deserialize_with = "memory_field")]
+    max_memory_restart: Option<u64>,
+    #[serde(default, deserialize_with = "cron_field")]
+    cron_restart: Option<String>,
+    #[serde(default, deserialize_with = "watch_field")]
+    watch: Watch,
+    #[serde(default, deserialize_with = "globs_field")]
+    ignore_watch: Vec<String>,
+    #[serde(default, deserialize_with = "duration_field")]
+    watch_delay: Option<u64>,
+    #[serde(default, deserialize_with = "exit_codes_field")]
+    stop_exit_codes: Vec<i32>,
+    #[serde(default, deserialize_with = "probe_field")]
+    health: Option<Probe>,
+    #[serde(default, deserialize_with = "positive_duration_field")]
+    health_interval: Option<u64>,
+    #[serde(default, deserialize_with = "positive_duration_field")]
+    health_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "failures_field")]
+    health_failures: Option<u32>,
+    #[serde(default, deserialize_with = "ready_when_field")]
+    ready_when: Option<ReadyWhen>,
+    #[serde(default, deserialize_with = "positive_duration_field")]
+    watchdog: Option<u64>,
 }
 
 /// The apps of a `corral.toml`. Relative paths are relative to the file's directory.
@@ -523,6 +575,21 @@ pub fn specs_from_file(path: &Path) -> Result<Vec<AppSpec>> {
             shutdown_with_message: app.shutdown_with_message,
             agent: app.agent,
             state: app.state,
+            policies: Policies {
+                naming: policies::Naming::Keys,
+                max_memory_restart: app.max_memory_restart,
+                cron_restart: app.cron_restart,
+                watch: app.watch,
+                ignore_watch: app.ignore_watch,
+                watch_delay_ms: app.watch_delay,
+                stop_exit_codes: app.stop_exit_codes,
+                health: app.health,
+                health_interval_ms: app.health_interval,
+                health_timeout_ms: app.health_timeout,
+                health_failures: app.health_failures,
+                ready_when: app.ready_when,
+                watchdog_ms: app.watchdog,
+            },
         };
         specs.push(build(&app.script, &cwd, raw, &origin)?);
     }
@@ -590,5 +657,130 @@ mod tests {
         std::fs::write(&path, "[[apps]]\nscript = \"/bin/true\"\ninstanses = 2\n").unwrap();
         let err = format!("{:#}", specs_from_file(&path).unwrap_err());
         assert!(err.contains("line 3") && err.contains("instanses"), "{err}");
+    }
+
+    /// The apps of a corral.toml holding `text`, in a directory with a `src/`.
+    fn toml_apps(text: &str) -> (tempfile::TempDir, Result<Vec<AppSpec>>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("src")).unwrap();
+        let path = dir.path().join("corral.toml");
+        std::fs::write(&path, text).unwrap();
+        let specs = specs_from_file(&path);
+        (dir, specs)
+    }
+
+    #[test]
+    fn corral_toml_takes_the_policy_keys() {
+        let (dir, specs) = toml_apps(
+            r#"[[apps]]
+name = "api"
+script = "/bin/true"
+max_memory_restart = "300M"
+cron_restart = "0 3 * * *"
+watch = ["src"]
+ignore_watch = ["*.log", "tmp"]
+watch_delay = "1s"
+stop_exit_codes = [0, 3]
+health = "http://127.0.0.1:3000/healthz"
+health_interval = "5s"
+health_timeout = 1000
+health_failures = 2
+ready_when = "probe"
+watchdog = "30s"
+
+[[apps]]
+name = "web"
+script = "/bin/true"
+watch = true
+ignore_watch = "*.tmp dist"
+stop_exit_codes = 2
+"#,
+        );
+        let specs = specs.unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let api = &specs[0];
+        assert_eq!(api.max_memory_restart, Some(300 << 20));
+        assert_eq!(api.cron_restart.as_deref(), Some("0 3 * * *"));
+        assert_eq!(api.watch, [root.join("src")]);
+        assert_eq!(api.ignore_watch, ["*.log", "tmp"]);
+        assert_eq!(api.watch_delay_ms, 1000);
+        assert_eq!(api.stop_exit_codes, [0, 3]);
+        let health = api.health.as_ref().unwrap();
+        assert_eq!(health.probe.to_string(), "http://127.0.0.1:3000/healthz");
+        assert_eq!(
+            (health.interval_ms, health.timeout_ms, health.failures),
+            (5000, 1000, 2)
+        );
+        assert_eq!(api.ready_when, ReadyWhen::Probe);
+        assert_eq!(api.watchdog_ms, Some(30_000));
+        let web = &specs[1];
+        assert_eq!(web.watch, [root]);
+        assert_eq!(web.ignore_watch, ["*.tmp", "dist"]);
+        assert_eq!(web.stop_exit_codes, [2]);
+        assert_eq!(web.health, None);
+    }
+
+    #[test]
+    fn a_bad_policy_value_in_corral_toml_is_reported_with_its_line() {
+        for (line, says) in [
+            ("max_memory_restart = 0", "would restart the app"),
+            ("max_memory_restart = \"lots\"", "not a size"),
+            ("cron_restart = \"0 25 * * *\"", "not a cron expression"),
+            ("watch = 3", "3 is not true, false or a list of paths"),
+            ("watch = [\"src\", 1]", "1 is not a path"),
+            ("ignore_watch = [\"\"]", "empty pattern"),
+            ("watch_delay = \"soon\"", "not a duration"),
+            ("stop_exit_codes = [0, 300]", "'300' is not an exit code"),
+            ("stop_exit_codes = true", "true is not an exit code"),
+            ("health = \"ftp://x\"", "not a health check"),
+            ("health_interval = \"0s\"", "no time"),
+            ("health_timeout = 0", "no time"),
+            ("health_failures = 0", "from 1"),
+            ("ready_when = \"soon\"", "not a readiness signal"),
+            ("watchdog = \"0\"", "no time"),
+        ] {
+            let (_dir, specs) = toml_apps(&format!(
+                "[[apps]]\nname = \"api\"\nscript = \"/bin/true\"\n{line}\n"
+            ));
+            let err = format!("{:#}", specs.unwrap_err());
+            assert!(
+                err.contains("corral.toml") && err.contains("line 4") && err.contains(says),
+                "{line}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn policy_keys_that_do_not_fit_together_name_the_file_and_the_app() {
+        for (lines, says) in [
+            ("ignore_watch = [\"*.log\"]", "`ignore_watch` needs `watch`"),
+            (
+                "watch = false\nwatch_delay = 100",
+                "`watch_delay` needs `watch`",
+            ),
+            ("watch = [\"nope\"]", "`watch` nope:"),
+            ("health_failures = 2", "`health_failures` needs `health`"),
+            (
+                "health = \"tcp:1\"\nhealth_interval = \"1s\"",
+                "`health_timeout` (2000ms by default) must be below `health_interval` (1000ms)",
+            ),
+            (
+                "ready_when = \"probe\"",
+                "`ready_when` probe needs `health`",
+            ),
+            (
+                "health = \"tcp:1\"\nready_when = \"probe\"\nwait_ready = true",
+                "`ready_when` probe and `wait_ready`",
+            ),
+        ] {
+            let (_dir, specs) = toml_apps(&format!(
+                "[[apps]]\nname = \"api\"\nscript = \"/bin/true\"\n{lines}\n"
+            ));
+            let err = format!("{:#}", specs.unwrap_err());
+            assert!(
+                err.contains("corral.toml: app api: ") && err.contains(says),
+                "{lines}: {err}"
+            );
+        }
     }
 }

@@ -5,6 +5,7 @@ mod args;
 mod client;
 mod config;
 mod ecosystem;
+mod policies;
 mod render;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ use corral_daemon::{Home, HomeError};
 use corral_proto::channel::StateCall;
 use corral_proto::{Request, Response, Streams};
 
-use args::{Cli, Command, LogsArgs, StartArgs, StateCommand};
+use args::{Cli, Command, EventsArgs, LogsArgs, StartArgs, StateCommand};
 use client::{Client, ConnectError};
 
 fn main() -> ExitCode {
@@ -127,6 +128,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Stop { target } => instances_command(&home, &Request::Stop { target })?,
         Command::Restart { target } => instances_command(&home, &Request::Restart { target })?,
         Command::Reload { target } => instances_command(&home, &Request::Reload { target })?,
+        Command::Reset { target } => instances_command(&home, &Request::Reset { target })?,
+        Command::Events(args) => events(&home, &args)?,
         Command::Delete { target } => done_command(&home, &Request::Delete { target })?,
         Command::Scale { app, instances } => {
             let instances = config::parse_instances(&instances).map_err(|e| anyhow!(e))?;
@@ -372,6 +375,39 @@ fn logs(home: &Home, args: &LogsArgs) -> Result<()> {
             Err(e) if args.follow => {
                 // The daemon went away (corral kill): the stream is over.
                 eprintln!("corral: log stream ended: {e:#}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `corral events`: the recent events, then (with `--follow`) new ones until the daemon goes.
+fn events(home: &Home, args: &EventsArgs) -> Result<()> {
+    let mut client = connect(home)?;
+    client.send(&Request::Events {
+        target: args.target.clone(),
+        lines: args.lines,
+        follow: args.follow,
+    })?;
+    let mut out = io::stdout().lock();
+    loop {
+        match client.receive() {
+            Ok(Response::Events { events }) => {
+                for event in &events {
+                    if args.json {
+                        writeln!(out, "{}", serde_json::to_string(event)?)?;
+                    } else {
+                        writeln!(out, "{}", render::event(event))?;
+                    }
+                }
+                out.flush()?;
+            }
+            Ok(Response::LogEnd) => return Ok(()),
+            Ok(other) => return Err(unexpected(other)),
+            Err(e) if args.follow => {
+                // The daemon went away (corral kill): the stream is over.
+                eprintln!("corral: event stream ended: {e:#}");
                 return Ok(());
             }
             Err(e) => return Err(e),

@@ -1,8 +1,9 @@
 //! How answers look in a terminal.
 
 use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
 
-use corral_proto::{AppInfo, InstanceInfo, signal::Signal};
+use corral_proto::{AppInfo, AppSpec, InstanceInfo, LifecycleEvent, ReadyWhen, signal::Signal};
 
 /// A plain text table: a header row, columns padded to their widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -70,7 +71,10 @@ pub fn instances(list: &[InstanceInfo]) -> String {
                 i.pid.map_or_else(|| "-".into(), |p| p.to_string()),
                 i.status.to_string(),
                 i.uptime_ms.map_or_else(|| "-".into(), duration),
-                i.restarts.to_string(),
+                match &i.last_restart {
+                    Some(cause) if i.restarts > 0 => format!("{} ({cause})", i.restarts),
+                    _ => i.restarts.to_string(),
+                },
                 if i.pid.is_some() {
                     format!("{:.0}%", i.cpu_percent)
                 } else {
@@ -107,6 +111,9 @@ pub fn instances(list: &[InstanceInfo]) -> String {
     out
 }
 
+/// Events on a `describe` page: the daemon keeps more, and `corral events` shows them.
+const EVENTS_SHOWN: usize = 10;
+
 /// The `describe` page.
 pub fn app(info: &AppInfo) -> String {
     let s = &info.spec;
@@ -114,6 +121,55 @@ pub fn app(info: &AppInfo) -> String {
     let mut field = |name: &str, value: String| {
         let _ = writeln!(out, "{name:<22}{value}");
     };
+    program_fields(s, &mut field);
+    let listen = info
+        .instances
+        .first()
+        .map(|i| i.listen.join(", "))
+        .unwrap_or_default();
+    field(
+        "listen",
+        if listen.is_empty() {
+            "-".into()
+        } else {
+            listen
+        },
+    );
+    if s.is_node_cluster() {
+        field(
+            "exec mode",
+            "cluster (corral is the Node.js cluster primary)".into(),
+        );
+    }
+    field("load balancing", s.lb.to_string());
+    field("ready", readiness(s));
+    policy_fields(s, &mut field);
+    out.push('\n');
+    out.push_str(&instances(&info.instances));
+    out.push('\n');
+    for (index, out_path, err_path) in &info.log_files {
+        let _ = writeln!(out, "logs of instance {index}: {}", out_path.display());
+        let _ = writeln!(out, "{:<17}{}", "", err_path.display());
+    }
+    for i in &info.instances {
+        if let Some(last) = &i.last_exit
+            && i.status != corral_proto::Status::Errored
+        {
+            let _ = writeln!(out, "instance {} last exit: {last}", i.instance);
+        }
+    }
+    if !info.events.is_empty() {
+        out.push_str("\nlast events:\n");
+        for e in &info.events[info.events.len().saturating_sub(EVENTS_SHOWN)..] {
+            out.push_str(&event(e));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// What runs, where, how it restarts, and its logs.
+fn program_fields(s: &AppSpec, field: &mut impl FnMut(&str, String)) {
     field("name", s.name.clone());
     field("script", s.script.display().to_string());
     field(
@@ -164,57 +220,98 @@ pub fn app(info: &AppInfo) -> String {
             env.join(" ")
         },
     );
-    let listen = info
-        .instances
-        .first()
-        .map(|i| i.listen.join(", "))
-        .unwrap_or_default();
-    field(
-        "listen",
-        if listen.is_empty() {
-            "-".into()
-        } else {
-            listen
-        },
-    );
-    let node_cluster = s.is_node_cluster();
-    if node_cluster {
+}
+
+/// What makes a new process ready.
+fn readiness(s: &AppSpec) -> String {
+    if s.ready_when == ReadyWhen::Probe {
+        format!(
+            "when its health check passes, within {}ms",
+            s.listen_timeout_ms
+        )
+    } else if s.is_node_cluster() && !s.wait_ready {
+        format!(
+            "when a server of it listens, within {}ms",
+            s.listen_timeout_ms
+        )
+    } else if s.needs_ready() {
+        format!("when it says so, within {}ms", s.listen_timeout_ms)
+    } else if s.lb == corral_proto::LbMode::Proxy {
+        format!("when its PORT accepts, within {}ms", s.listen_timeout_ms)
+    } else {
+        format!("after {}ms up, or when it says so", s.min_uptime_ms)
+    }
+}
+
+/// The lifecycle policies, each only when it is set.
+fn policy_fields(s: &AppSpec, field: &mut impl FnMut(&str, String)) {
+    if let Some(limit) = s.max_memory_restart {
+        field("memory limit", format!("restart above {}", bytes(limit)));
+    }
+    if let Some(cron) = &s.cron_restart {
+        field("cron restart", cron.clone());
+    }
+    if !s.watch.is_empty() {
+        let paths: Vec<String> = s.watch.iter().map(|p| p.display().to_string()).collect();
         field(
-            "exec mode",
-            "cluster (corral is the Node.js cluster primary)".into(),
+            "watch",
+            format!(
+                "{}, reload {}ms after the last change",
+                paths.join(", "),
+                s.watch_delay_ms
+            ),
+        );
+        // The daemon's watcher always leaves these two out.
+        let mut ignored = vec!["node_modules".to_string(), ".git".to_string()];
+        ignored.extend(s.ignore_watch.iter().cloned());
+        field("watch ignores", ignored.join(", "));
+    }
+    if !s.stop_exit_codes.is_empty() {
+        let codes: Vec<String> = s.stop_exit_codes.iter().map(i32::to_string).collect();
+        field("stop exit codes", codes.join(", "));
+    }
+    if let Some(health) = &s.health {
+        field(
+            "health check",
+            format!(
+                "{} every {}ms, timeout {}ms, restart after {} failures in a row",
+                health.probe, health.interval_ms, health.timeout_ms, health.failures
+            ),
         );
     }
-    field("load balancing", s.lb.to_string());
-    field(
-        "ready",
-        if node_cluster && !s.wait_ready {
-            format!(
-                "when a server of it listens, within {}ms",
-                s.listen_timeout_ms
-            )
-        } else if s.needs_ready() {
-            format!("when it says so, within {}ms", s.listen_timeout_ms)
-        } else if s.lb == corral_proto::LbMode::Proxy {
-            format!("when its PORT accepts, within {}ms", s.listen_timeout_ms)
-        } else {
-            format!("after {}ms up, or when it says so", s.min_uptime_ms)
-        },
+    if let Some(ms) = s.watchdog_ms {
+        field("watchdog", format!("WATCHDOG=1 at least every {ms}ms"));
+    }
+}
+
+/// One lifecycle event on one line:
+/// `2026-12-07 23:59:01.123 api:0 pid 4242 online → stopping  reload: why`.
+pub fn event(e: &LifecycleEvent) -> String {
+    let at = corral_daemon::logs::format_utc(UNIX_EPOCH + Duration::from_millis(e.at_ms));
+    // `2026-12-07T23:59:01.123Z`, written as people read it; still UTC.
+    let at = at.replacen('T', " ", 1);
+    let at = at.trim_end_matches('Z');
+    // The agent's index is u32::MAX.
+    let instance = if e.instance == u32::MAX {
+        "agent".to_string()
+    } else {
+        e.instance.to_string()
+    };
+    let pid = e.pid.map_or_else(|| "-".into(), |p| p.to_string());
+    let mut line = format!(
+        "{at} {}:{instance} pid {pid} {} → {}  {}",
+        e.app, e.from, e.to, e.cause
     );
-    out.push('\n');
-    out.push_str(&instances(&info.instances));
-    out.push('\n');
-    for (index, out_path, err_path) in &info.log_files {
-        let _ = writeln!(out, "logs of instance {index}: {}", out_path.display());
-        let _ = writeln!(out, "{:<17}{}", "", err_path.display());
+    if !e.reason.is_empty() {
+        // One event, one line, whatever the reason holds.
+        let reason: String = e
+            .reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let _ = write!(line, ": {reason}");
     }
-    for i in &info.instances {
-        if let Some(last) = &i.last_exit
-            && i.status != corral_proto::Status::Errored
-        {
-            let _ = writeln!(out, "instance {} last exit: {last}", i.instance);
-        }
-    }
-    out
+    line
 }
 
 #[cfg(test)]
@@ -233,5 +330,147 @@ mod tests {
         assert_eq!(duration(3_600_000), "1h");
         assert_eq!(bytes(2048), "2.0 KiB");
         assert_eq!(bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+
+    fn instance(status: corral_proto::Status, restarts: u32, cause: Option<&str>) -> InstanceInfo {
+        InstanceInfo {
+            id: 0,
+            app: "api".into(),
+            instance: 0,
+            pid: Some(4242),
+            status,
+            uptime_ms: Some(5000),
+            restarts,
+            last_restart: cause.map(str::to_string),
+            unstable_restarts: 0,
+            cpu_percent: 0.0,
+            memory_bytes: 1 << 20,
+            last_exit: None,
+            role: corral_proto::Role::Worker,
+            listen: Vec::new(),
+        }
+    }
+
+    fn event_at(seq: u64, instance: u32, pid: Option<u32>, reason: &str) -> LifecycleEvent {
+        LifecycleEvent {
+            seq,
+            // 2026-12-07 23:59:01.123 UTC.
+            at_ms: 1_796_687_941_123,
+            app: "api".into(),
+            instance,
+            id: 3,
+            pid,
+            from: corral_proto::Status::Online,
+            to: corral_proto::Status::Stopping,
+            cause: "reload".into(),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn ls_shows_unresponsive_and_the_cause_of_the_last_restart() {
+        use corral_proto::Status;
+        let table = instances(&[instance(Status::Unresponsive, 3, Some("memory"))]);
+        let row = table.lines().nth(1).unwrap();
+        assert!(row.contains("unresponsive"), "{table}");
+        assert!(row.contains("3 (memory)"), "{table}");
+        // A cause is shown only for restarts still counted (after `corral reset`, none).
+        let table = instances(&[instance(Status::Online, 0, Some("crash"))]);
+        assert!(!table.contains("crash"), "{table}");
+        let table = instances(&[instance(Status::Online, 2, None)]);
+        assert!(table.lines().nth(1).unwrap().contains(" 2 "), "{table}");
+    }
+
+    #[test]
+    fn an_event_is_one_line_in_utc() {
+        assert_eq!(
+            event(&event_at(1, 0, Some(4242), "replaced by pid 4300")),
+            "2026-12-07 23:59:01.123 api:0 pid 4242 online → stopping  reload: replaced by pid \
+             4300"
+        );
+        assert_eq!(
+            event(&event_at(2, u32::MAX, None, "")),
+            "2026-12-07 23:59:01.123 api:agent pid - online → stopping  reload"
+        );
+        assert_eq!(
+            event(&event_at(3, 1, None, "line one\nline two")),
+            "2026-12-07 23:59:01.123 api:1 pid - online → stopping  reload: line one line two"
+        );
+    }
+
+    fn described(spec: AppSpec, events: Vec<LifecycleEvent>) -> String {
+        app(&AppInfo {
+            spec,
+            instances: vec![instance(corral_proto::Status::Online, 0, None)],
+            log_files: Vec::new(),
+            events,
+        })
+    }
+
+    #[test]
+    fn describe_shows_the_policies_that_are_set() {
+        let mut spec = AppSpec::new("api".into(), "/srv/api/server".into(), "/srv/api".into());
+        let plain = described(spec.clone(), Vec::new());
+        for name in [
+            "memory limit",
+            "cron restart",
+            "watch",
+            "stop exit codes",
+            "health",
+            "watchdog",
+        ] {
+            assert!(!plain.contains(name), "{name} shown unset: {plain}");
+        }
+        spec.max_memory_restart = Some(300 << 20);
+        spec.cron_restart = Some("0 3 * * *".into());
+        spec.watch = vec!["/srv/api/src".into(), "/srv/api/config.json".into()];
+        spec.ignore_watch = vec!["*.log".into()];
+        spec.watch_delay_ms = 1000;
+        spec.stop_exit_codes = vec![0, 3];
+        let mut health = corral_proto::HealthCheck::new("tcp:3000".parse().unwrap());
+        health.failures = 5;
+        spec.health = Some(health);
+        spec.ready_when = ReadyWhen::Probe;
+        spec.watchdog_ms = Some(30_000);
+        let page = described(spec, Vec::new());
+        for line in [
+            "memory limit          restart above 300.0 MiB",
+            "cron restart          0 3 * * *",
+            "watch                 /srv/api/src, /srv/api/config.json, reload 1000ms after the \
+             last change",
+            "watch ignores         node_modules, .git, *.log",
+            "stop exit codes       0, 3",
+            "health check          tcp:127.0.0.1:3000 every 10000ms, timeout 2000ms, restart \
+             after 5 failures in a row",
+            "ready                 when its health check passes, within 3000ms",
+            "watchdog              WATCHDOG=1 at least every 30000ms",
+        ] {
+            assert!(
+                page.lines().any(|l| l == line),
+                "{line:?} missing from:\n{page}"
+            );
+        }
+    }
+
+    #[test]
+    fn describe_shows_the_last_ten_events_oldest_first() {
+        let spec = AppSpec::new("api".into(), "/srv/api/server".into(), "/srv/api".into());
+        let events = (1..=12)
+            .map(|seq| event_at(seq, 0, Some(4000 + seq as u32), ""))
+            .collect();
+        let page = described(spec, events);
+        let shown: Vec<&str> = page
+            .lines()
+            .skip_while(|l| *l != "last events:")
+            .skip(1)
+            .collect();
+        assert_eq!(shown.len(), 10, "{page}");
+        assert!(shown[0].contains("pid 4003"), "{page}");
+        assert!(shown[9].contains("pid 4012"), "{page}");
+        let quiet = described(
+            AppSpec::new("api".into(), "/srv/api/server".into(), "/srv/api".into()),
+            Vec::new(),
+        );
+        assert!(!quiet.contains("last events"), "{quiet}");
     }
 }

@@ -1317,7 +1317,7 @@ fn an_ecosystem_file_starts_every_app_and_names_the_options_left_out() {
         "ecosystem.config.js",
         r#"module.exports = {
   apps: [
-    { name: "js", script: "server.js", env: { B: 2 }, watch: true, max_memory_restart: "1G" },
+    { name: "js", script: "server.js", env: { B: 2 }, vizion: false, watch_options: { usePolling: true } },
     { name: "py", script: "worker.py", interpreter: "python3", env: { A: "one" }, kill_timeout: 2500 },
   ],
 };
@@ -1327,7 +1327,7 @@ fn an_ecosystem_file_starts_every_app_and_names_the_options_left_out() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(
-        stderr.contains("app js: ignoring max_memory_restart, watch"),
+        stderr.contains("app js: ignoring vizion (not supported by corral); watch_options ("),
         "the options left out are named: {stderr}"
     );
     home.wait_online("js", 1);

@@ -14,6 +14,7 @@ pub mod accept;
 pub mod balance;
 pub mod bus;
 pub mod channel;
+pub mod cron;
 pub mod dump;
 pub mod home;
 pub mod inbox;
