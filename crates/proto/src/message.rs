@@ -375,7 +375,7 @@ pub struct AppSpec {
     /// What makes a new process ready.
     #[serde(default)]
     pub ready_when: crate::ReadyWhen,
-    /// With a value, each process must send `WATCHDOG=1` (sd_notify) at least this often once
+    /// With a value, each process must send `WATCHDOG=1` (`sd_notify`) at least this often once
     /// ready, or it is restarted (systemd's `WatchdogSec`); it gets `WATCHDOG_USEC`.
     #[serde(default)]
     pub watchdog_ms: Option<u64>,
