@@ -8,7 +8,9 @@
 //! One thread, one tokio current-thread runtime. A single [`supervisor::Supervisor`] task owns
 //! all state and reacts to events: client requests from the [`server`] connections, children
 //! reaped by the reaper (this process is a child subreaper and reaps every pid with `waitpid`),
-//! and timers. Output pipes are drained by their own tasks into [`logs`].
+//! and timers. Output pipes are drained by their own tasks into [`logs`]. The exits of the
+//! daemon's own helpers (exec health probes, [`probe`]) go not to the supervisor but to whoever
+//! waits for them, through [`probe::Exits`].
 
 pub mod accept;
 pub mod balance;
@@ -22,6 +24,7 @@ pub mod listeners;
 pub mod logs;
 pub mod node;
 pub mod notify;
+pub mod probe;
 pub mod proxy;
 pub mod server;
 pub mod stats;
@@ -130,12 +133,18 @@ async fn serve(
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let reaper_events = events.clone();
+    // The exits of the daemon's own helpers (exec probes) go to whoever waits for them, not to
+    // the supervisor. The supervisor takes a clone once it runs health checks.
+    let exits = probe::Exits::default();
+    let reaper_exits = exits.clone();
     tokio::spawn(async move {
         loop {
             loop {
                 match corral_sys::reap_any() {
                     Ok(Some((pid, exit))) => {
-                        let _ = reaper_events.send(supervisor::Event::Reaped { pid, exit });
+                        if !reaper_exits.claim(pid, exit) {
+                            let _ = reaper_events.send(supervisor::Event::Reaped { pid, exit });
+                        }
                     }
                     Ok(None) => break,
                     Err(e) => {
