@@ -29,6 +29,7 @@ pub mod proxy;
 pub mod server;
 pub mod stats;
 pub mod supervisor;
+pub mod watch;
 
 use std::fs::File;
 use std::io::{self, Write};
