@@ -80,6 +80,52 @@ pub enum Event {
         /// What it said.
         message: node::Cluster,
     },
+    /// A worker left connections handed to it unacknowledged past their deadline
+    /// (`answers: false`), or acknowledges again (`true`); said by its app's balancer.
+    Responsive {
+        /// The worker's process.
+        pid: u32,
+        /// Whether it answers.
+        answers: bool,
+    },
+    /// A process sent `WATCHDOG=1` on its notify socket.
+    Watchdog {
+        /// The process.
+        pid: u32,
+    },
+    /// Time to look at a process's watchdog pings.
+    WatchdogCheck {
+        /// The process.
+        pid: u32,
+    },
+    /// A health probe of a process is over.
+    Probed {
+        /// The process.
+        pid: u32,
+        /// What it found.
+        outcome: crate::probe::Outcome,
+    },
+    /// Time to sample the memory of the apps with a memory limit.
+    MemoryTick,
+    /// An app's cron schedule matched.
+    Cron {
+        /// The app.
+        app: String,
+    },
+    /// Watched files of an app changed.
+    Watched {
+        /// The app.
+        app: String,
+        /// What changed.
+        change: crate::watch::Change,
+    },
+    /// An app's watcher is set up (it walks the tree off the supervisor's task).
+    WatchStarted {
+        /// The app.
+        app: String,
+        /// The watcher, or why it could not watch.
+        watcher: Result<crate::watch::Watcher, crate::watch::WatchError>,
+    },
 }
 
 /// One log file a client may read.

@@ -35,6 +35,7 @@ mod app;
 mod cluster;
 mod commands;
 mod journal;
+mod policies;
 mod reload;
 mod report;
 mod routing;
@@ -140,6 +141,12 @@ impl Supervisor {
             Event::Worker { pid, message } => self.worker_message(pid, message),
             Event::ChannelFault { pid, problem } => self.channel_fault(pid, &problem),
             Event::Node { pid, message } => self.node_message(pid, message),
+            Event::Responsive { pid, answers } => {
+                if let Some(id) = self.procs.get(&pid).map(|p| p.id) {
+                    self.feed(id, corral_policy::lifecycle::Input::Responsive { pid, answers });
+                }
+            }
+            event => self.policy_event(event),
         }
     }
 
