@@ -135,7 +135,7 @@ async fn serve(
     let mut hangup = signal(SignalKind::hangup())?;
     let reaper_events = events.clone();
     // The exits of the daemon's own helpers (exec probes) go to whoever waits for them, not to
-    // the supervisor. The supervisor takes a clone once it runs health checks.
+    // the supervisor. The supervisor has a clone, for its health checks.
     let exits = probe::Exits::default();
     let reaper_exits = exits.clone();
     tokio::spawn(async move {
@@ -161,7 +161,8 @@ async fn serve(
     });
     let shutdown = Arc::new(Notify::new());
     let bus = bus::Bus::new(home.root().join("state.json"));
-    tokio::spawn(supervisor::Supervisor::new(home.clone(), events.clone(), bus.clone()).run(inbox));
+    let supervisor = supervisor::Supervisor::new(home.clone(), events.clone(), bus.clone());
+    tokio::spawn(supervisor.with_exits(exits).run(inbox));
     tokio::spawn(server::serve(
         listener,
         events.clone(),

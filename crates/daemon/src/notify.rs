@@ -41,6 +41,15 @@ pub async fn read(notify: NotifySocket, pid: u32, events: mpsc::UnboundedSender<
         let Ok(n) = socket.recv(&mut buf).await else {
             return;
         };
+        // A watchdog ping is the supervisor's business only when the app has a watchdog; it
+        // is cheap to pass on either way.
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "WATCHDOG=1")
+            && events.send(Event::Watchdog { pid }).is_err()
+        {
+            return;
+        }
         for message in parse(&buf[..n]) {
             if events.send(Event::Worker { pid, message }).is_err() {
                 return;

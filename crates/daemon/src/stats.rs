@@ -55,6 +55,28 @@ pub fn group_has_live_members(pgid: u32) -> bool {
         .any(|s| s.pgrp == pgid && s.state != b'Z')
 }
 
+/// The resident memory of whole process groups, in one pass over `/proc`: every member of
+/// each of `pgids` (a worker's children count: a Node app's workers or a shell's pipeline).
+pub fn group_resident_bytes(pgids: &std::collections::HashSet<u32>) -> HashMap<u32, u64> {
+    let mut sums = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return sums;
+    };
+    for pid in entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let Some(stat) = read_stat(pid) else { continue };
+        if stat.state == b'Z' || !pgids.contains(&stat.pgrp) {
+            continue;
+        }
+        if let Some(bytes) = resident_bytes(pid) {
+            *sums.entry(stat.pgrp).or_insert(0) += bytes;
+        }
+    }
+    sums
+}
+
 /// CPU percentages from the difference between two samples.
 #[derive(Debug, Default)]
 pub struct CpuSampler {

@@ -40,17 +40,28 @@ pub struct App {
     pub agent_settings: Settings,
     /// Its last lifecycle events, oldest first.
     pub events: VecDeque<LifecycleEvent>,
+    /// Its watched files (`--watch`), once the watcher is set up.
+    pub watcher: Option<crate::watch::Watcher>,
+    /// The task that says when its cron schedule matches.
+    pub cron: Option<AbortHandle>,
 }
 
 impl Drop for App {
     fn drop(&mut self) {
-        for task in &self.accept_loops {
+        for task in self.accept_loops.iter().chain(&self.cron) {
             task.abort();
         }
     }
 }
 
 impl App {
+    /// Whether a new process may start beside the one it replaces: the master owns the app's
+    /// sockets (`--listen`, or a Node.js cluster's servers). A program that binds its own port
+    /// is stopped first, or its replacement would fail with EADDRINUSE.
+    pub fn overlaps(&self) -> bool {
+        !self.listeners.is_empty() || self.spec.is_node_cluster()
+    }
+
     /// A Node.js cluster app's workers wait for `listen()` once one of them has listened: the
     /// others are servers too, and a reload must not retire an old worker for a new one that
     /// does not serve yet.
@@ -111,11 +122,21 @@ pub struct ProcIo {
     /// It got a notice (`disconnect`, a shutdown message, no new connections) before any
     /// signal.
     pub noticed: bool,
+    /// Its health check's task, and whether it probes at the slow pace (ready) yet.
+    pub health: Option<(AbortHandle, Arc<std::sync::atomic::AtomicBool>)>,
+    /// Health check failures in a row.
+    pub health_failures: u32,
+    /// Its last `WATCHDOG=1`, and whether the watchdog runs yet (it starts once ready).
+    pub watchdog: Option<Instant>,
+    pub watchdog_fired: bool,
 }
 
 impl Drop for ProcIo {
     fn drop(&mut self) {
         if let Some(task) = &self.notify {
+            task.abort();
+        }
+        if let Some((task, _)) = &self.health {
             task.abort();
         }
         // Connections it had not accepted go to the other workers.

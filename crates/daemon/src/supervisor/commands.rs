@@ -193,8 +193,11 @@ impl Supervisor {
             accept_loops,
             node_servers: BTreeMap::new(),
             events: VecDeque::new(),
+            watcher: None,
+            cron: None,
         });
         let app = self.apps.len() - 1;
+        self.start_app_policies(app);
         let mut ids = Vec::new();
         if self.apps[app].spec.agent.is_some() {
             ids.push(self.add_process(app, AGENT_INDEX, true));

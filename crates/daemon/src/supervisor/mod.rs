@@ -77,6 +77,9 @@ pub struct Supervisor {
     cpu: CpuSampler,
     shutting_down: bool,
     bus: Arc<Bus>,
+    /// Where the exits of exec probes go.
+    exits: crate::probe::Exits,
+    memory_tick_pending: bool,
 }
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -105,7 +108,16 @@ impl Supervisor {
             cpu: CpuSampler::default(),
             shutting_down: false,
             bus,
+            exits: crate::probe::Exits::default(),
+            memory_tick_pending: false,
         }
+    }
+
+    /// The exits of exec probes arrive through `exits` (the reaper claims them).
+    #[must_use]
+    pub fn with_exits(mut self, exits: crate::probe::Exits) -> Supervisor {
+        self.exits = exits;
+        self
     }
 
     /// Handles events until every sender is gone.

@@ -19,6 +19,9 @@ pub struct ReloadGroup {
 #[derive(Debug)]
 struct AppReload {
     name: String,
+    /// Why: a person's reload, or a policy's (cron, watch).
+    cause: Cause,
+    detail: String,
     rolling: Rolling,
     /// How it ended: the line for the answer, and whether it went well.
     outcome: Option<Result<String, String>>,
@@ -34,13 +37,7 @@ impl Supervisor {
             let _ = reply.send(self.unknown_app(target));
             return;
         };
-        let busy = names.iter().find(|n| {
-            self.reloads
-                .iter()
-                .flat_map(|g| &g.apps)
-                .any(|r| &r.name == *n && r.outcome.is_none())
-        });
-        if let Some(busy) = busy {
+        if let Some(busy) = names.iter().find(|n| self.is_reloading(n)) {
             let _ = reply.send(error(
                 ErrorKind::InvalidSpec,
                 format!("'{busy}' is being reloaded already; wait for that reload to finish"),
@@ -53,6 +50,33 @@ impl Supervisor {
             });
             return;
         }
+        self.roll(names, Cause::Reload, "a reload", Some(reply));
+    }
+
+    fn is_reloading(&self, name: &str) -> bool {
+        self.reloads
+            .iter()
+            .flat_map(|g| &g.apps)
+            .any(|r| r.name == name && r.outcome.is_none())
+    }
+
+    /// A policy's rolling replacement of app `name` (its cron schedule, its watched files);
+    /// nothing when one is under way already.
+    pub(super) fn roll_for(&mut self, name: &str, cause: Cause, detail: &str) {
+        if self.is_reloading(name) {
+            crate::log!("app '{name}': {detail}, but it is being reloaded already");
+            return;
+        }
+        self.roll(vec![name.to_string()], cause, detail, None);
+    }
+
+    fn roll(
+        &mut self,
+        names: Vec<String>,
+        cause: Cause,
+        detail: &str,
+        reply: Option<oneshot::Sender<Response>>,
+    ) {
         let apps = names
             .into_iter()
             .map(|name| {
@@ -65,20 +89,19 @@ impl Supervisor {
                 // The agent first, as at start.
                 queue.sort_unstable();
                 crate::log!(
-                    "reloading app '{name}': {} instance(s), one at a time",
+                    "reloading app '{name}' ({detail}): {} instance(s), one at a time",
                     queue.len()
                 );
                 AppReload {
                     name,
+                    cause,
+                    detail: detail.to_string(),
                     rolling: Rolling::new(queue.into_iter().map(|(_, _, id)| id)),
                     outcome: None,
                 }
             })
             .collect();
-        self.reloads.push(ReloadGroup {
-            apps,
-            reply: Some(reply),
-        });
+        self.reloads.push(ReloadGroup { apps, reply });
         self.advance_reloads();
     }
 
@@ -134,9 +157,16 @@ impl Supervisor {
             let outcome = match step {
                 Step::Wait => return,
                 Step::Replace(id) => {
-                    let detail = "a reload".to_string();
-                    let cause = Cause::Reload;
-                    let overlap = true;
+                    let app = &self.reloads[g].apps[r];
+                    let (cause, detail) = (app.cause, app.detail.clone());
+                    // A person's reload overlaps, as it always has; a policy's follows what the
+                    // app can take (a program binding its own port is stopped first).
+                    let overlap = cause.is_user()
+                        || self
+                            .apps
+                            .iter()
+                            .find(|a| a.spec.name == name)
+                            .is_some_and(super::app::App::overlaps);
                     self.feed(
                         id,
                         Input::Replace {

@@ -314,8 +314,15 @@ impl Supervisor {
             stop_by_message: app.spec.shutdown_with_message,
             shutdown_sent: false,
             noticed: false,
+            health: None,
+            health_failures: 0,
+            watchdog: None,
+            watchdog_fired: false,
         };
         self.procs.insert(pid, io);
+        if !what.agent {
+            self.watch_process(a, pid);
+        }
         pid
     }
 }

@@ -106,6 +106,17 @@ fn policies(spec: &AppSpec) -> Result<(), String> {
     if spec.ready_when == corral_proto::ReadyWhen::Probe && spec.health.is_none() {
         return Err("--ready-when probe needs a health check: give --health".into());
     }
+    if let Some(expr) = &spec.cron_restart {
+        crate::cron::Schedule::parse(expr).map_err(|why| format!("cron_restart: {why}"))?;
+    }
+    if !spec.watch.is_empty() {
+        let watch = crate::watch::WatchSpec {
+            paths: spec.watch.clone(),
+            ignore: spec.ignore_watch.clone(),
+            delay: std::time::Duration::from_millis(spec.watch_delay_ms),
+        };
+        crate::watch::validate(&watch).map_err(|e| format!("watch: {e}"))?;
+    }
     if spec.watchdog_ms == Some(0) {
         return Err("a watchdog of 0 would restart it at once: give a duration such as 10s".into());
     }
