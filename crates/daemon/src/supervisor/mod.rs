@@ -155,7 +155,10 @@ impl Supervisor {
             Event::Node { pid, message } => self.node_message(pid, message),
             Event::Responsive { pid, answers } => {
                 if let Some(id) = self.procs.get(&pid).map(|p| p.id) {
-                    self.feed(id, corral_policy::lifecycle::Input::Responsive { pid, answers });
+                    self.feed(
+                        id,
+                        corral_policy::lifecycle::Input::Responsive { pid, answers },
+                    );
                 }
             }
             event => self.policy_event(event),

@@ -163,7 +163,10 @@ impl Supervisor {
             }
         }
         if let Some(watchdog) = spec.watchdog_ms {
-            self.after(Duration::from_millis(watchdog), Event::WatchdogCheck { pid });
+            self.after(
+                Duration::from_millis(watchdog),
+                Event::WatchdogCheck { pid },
+            );
         }
         if spec.max_memory_restart.is_some() && !self.memory_tick_pending {
             self.memory_tick_pending = true;
@@ -176,7 +179,11 @@ impl Supervisor {
         let Some((a, i)) = self.locate(id) else {
             return;
         };
-        if self.apps[a].instances[i].slot.current().is_none_or(|p| p.pid != pid) {
+        if self.apps[a].instances[i]
+            .slot
+            .current()
+            .is_none_or(|p| p.pid != pid)
+        {
             return;
         }
         let overlap = self.apps[a].overlaps();
@@ -226,7 +233,11 @@ impl Supervisor {
         let Some((a, _)) = self.locate(id) else {
             return;
         };
-        let threshold = self.apps[a].spec.health.as_ref().map_or(u32::MAX, |h| h.failures);
+        let threshold = self.apps[a]
+            .spec
+            .health
+            .as_ref()
+            .map_or(u32::MAX, |h| h.failures);
         let name = self.apps[a].spec.name.clone();
         crate::log!("app '{name}' pid {pid}: health check failed ({failures}/{threshold}): {why}");
         if failures == threshold {
@@ -286,10 +297,13 @@ impl Supervisor {
             .iter()
             .filter_map(|app| Some((app, app.spec.max_memory_restart?)))
             .flat_map(|(app, limit)| {
-                app.instances.iter().filter(|i| !i.agent).filter_map(move |i| {
-                    let p = i.slot.current().filter(|p| p.stopping.is_none())?;
-                    Some((i.id, p.pid, limit))
-                })
+                app.instances
+                    .iter()
+                    .filter(|i| !i.agent)
+                    .filter_map(move |i| {
+                        let p = i.slot.current().filter(|p| p.stopping.is_none())?;
+                        Some((i.id, p.pid, limit))
+                    })
             })
             .collect();
         if limited.is_empty() {
@@ -339,7 +353,11 @@ fn changed(change: &Change) -> String {
     } else {
         String::new()
     };
-    format!("{} file(s) changed: {}{rest}", change.count, first.join(", "))
+    format!(
+        "{} file(s) changed: {}{rest}",
+        change.count,
+        first.join(", ")
+    )
 }
 
 /// Says when `schedule` matches, for app `app`, until aborted with the app.
@@ -397,6 +415,9 @@ mod tests {
             paths: vec!["/a/x.js".into(), "/a/y.js".into()],
             count: 7,
         };
-        assert_eq!(changed(&change), "7 file(s) changed: /a/x.js, /a/y.js and 5 more");
+        assert_eq!(
+            changed(&change),
+            "7 file(s) changed: /a/x.js, /a/y.js and 5 more"
+        );
     }
 }
