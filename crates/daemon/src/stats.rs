@@ -57,7 +57,9 @@ pub fn group_has_live_members(pgid: u32) -> bool {
 
 /// The resident memory of whole process groups, in one pass over `/proc`: every member of
 /// each of `pgids` (a worker's children count: a Node app's workers or a shell's pipeline).
-pub fn group_resident_bytes(pgids: &std::collections::HashSet<u32>) -> HashMap<u32, u64> {
+pub fn group_resident_bytes<S: std::hash::BuildHasher>(
+    pgids: &std::collections::HashSet<u32, S>,
+) -> HashMap<u32, u64> {
     let mut sums = HashMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return sums;

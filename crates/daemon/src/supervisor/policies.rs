@@ -283,7 +283,7 @@ impl Supervisor {
                 );
                 self.replace_for(id, pid, Cause::Watchdog, detail);
             }
-            Some(silent) => self.after(limit - silent, Event::WatchdogCheck { pid }),
+            Some(silent) => self.after(limit.saturating_sub(silent), Event::WatchdogCheck { pid }),
             None => self.after(limit, Event::WatchdogCheck { pid }),
         }
     }
