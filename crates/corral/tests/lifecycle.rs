@@ -616,3 +616,26 @@ fn bad_policy_values_are_refused_with_the_option_named() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_stopped_apps_port_refuses_at_once_and_serves_again_when_it_starts() {
+    let home = Home::new();
+    start_js(&home, "web", HTTP_JS, &["-i", "2"]);
+    let addr = tcp_address(&home.wait_online("web", 2));
+    get(addr).unwrap_or_else(|e| panic!("{e}"));
+    home.ok(&["stop", "web"]);
+    let began = std::time::Instant::now();
+    let refused = get(addr);
+    assert!(refused.is_err(), "a stopped app answered: {refused:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "the client learnt it at once, not after a wait: {:?}",
+        began.elapsed()
+    );
+    home.ok(&["restart", "web"]);
+    let list = home.wait_online("web", 2);
+    assert_eq!(tcp_address(&list), addr, "the same port");
+    get(addr).unwrap_or_else(|e| panic!("serves again: {e}"));
+    home.ok(&["delete", "web"]);
+    assert_groups_gone(&home.recorded_pgids());
+}

@@ -38,7 +38,8 @@ where
             Ok(fd) => {
                 let (app, on_connection) = (app.to_string(), on_connection.clone());
                 let index = index as u32;
-                let task = tokio::spawn(accept_loop(fd, app, index, on_connection));
+                let open = listener.open.clone();
+                let task = tokio::spawn(accept_loop(fd, app, index, open, on_connection));
                 handles.push(task.abort_handle());
             }
             Err(e) => crate::log!("app '{app}': cannot accept on {}: {e}", listener.resolved),
@@ -47,8 +48,13 @@ where
     handles
 }
 
-async fn accept_loop<F>(listener: AsyncFd<OwnedFd>, app: String, index: u32, on_connection: F)
-where
+async fn accept_loop<F>(
+    listener: AsyncFd<OwnedFd>,
+    app: String,
+    index: u32,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    on_connection: F,
+) where
     F: Fn(OwnedFd, u32),
 {
     let mut failures: u64 = 0;
@@ -73,7 +79,11 @@ where
                         );
                         failures = 0;
                     }
-                    on_connection(connection, index);
+                    if open.load(std::sync::atomic::Ordering::Relaxed) {
+                        on_connection(connection, index);
+                    } else {
+                        refuse(connection);
+                    }
                 }
                 Ok(Err(e)) if transient(&e) => {}
                 Ok(Err(e)) => {
@@ -95,6 +105,13 @@ where
         }
         tokio::task::yield_now().await;
     }
+}
+
+/// Ends a connection at once with a reset, as a closed port would refuse it: the app is
+/// stopped, and a client should learn it now, not after waiting for a worker.
+fn refuse(connection: OwnedFd) {
+    let _ = rustix::net::sockopt::set_socket_linger(&connection, Some(Duration::ZERO));
+    drop(connection);
 }
 
 /// Errors about one connection (the client gave up before it was accepted), not the socket.

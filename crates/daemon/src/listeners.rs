@@ -21,7 +21,19 @@ pub struct Listener {
     pub resolved: String,
     /// The socket.
     pub fd: OwnedFd,
+    /// Whether its app serves: while it does not (every instance stopped or errored), the
+    /// master's accept loop resets each new connection at once instead of letting the client
+    /// wait for a worker that is not coming. The socket stays bound, so the port is the app's
+    /// again when it starts.
+    pub open: std::sync::Arc<std::sync::atomic::AtomicBool>,
     unix_path: Option<PathBuf>,
+}
+
+impl Listener {
+    /// Says whether new connections are served or reset.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for Listener {
@@ -105,6 +117,7 @@ pub fn bind_udp(addr: SocketAddr) -> Result<Listener, BindError> {
     let local = std::net::UdpSocket::from(fd);
     let resolved = format!("udp:{}", local.local_addr().map_err(failed)?);
     Ok(Listener {
+        open: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
         given: addr.to_string(),
         resolved,
         fd: OwnedFd::from(local),
@@ -142,6 +155,7 @@ pub fn bind_parsed(address: &str, parsed: Address) -> Result<Listener, BindError
             let local = std::net::TcpListener::from(fd);
             let resolved = local.local_addr().map_err(failed)?.to_string();
             Ok(Listener {
+                open: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 given: address.to_string(),
                 resolved,
                 fd: OwnedFd::from(local),
@@ -174,6 +188,7 @@ pub fn bind_parsed(address: &str, parsed: Address) -> Result<Listener, BindError
             rustix::net::bind(&fd, &addr).map_err(|e| failed(e.into()))?;
             rustix::net::listen(fd.as_fd(), BACKLOG).map_err(|e| failed(e.into()))?;
             Ok(Listener {
+                open: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 given: address.to_string(),
                 resolved: format!("unix:{}", path.display()),
                 fd,

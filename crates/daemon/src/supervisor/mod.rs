@@ -179,6 +179,8 @@ impl Supervisor {
                 .filter_map(|&id| self.locate(id).map(|(a, _)| a))
                 .collect();
             for &a in apps.iter().rev() {
+                // Whether it serves at all may have changed (see `update_routes`).
+                self.reroute.insert(self.apps[a].spec.name.clone());
                 self.agent_order(a);
             }
             self.settle_waiters();

@@ -10,6 +10,15 @@ impl Supervisor {
     /// Tells app `a`'s balancers and proxy the workers they may hand connections to now.
     pub(super) fn update_routes(&self, a: usize) {
         let app = &self.apps[a];
+        // A stopped app's master-owned ports refuse at once; they serve again when it starts.
+        let serving = app.instances.iter().any(|i| !i.agent && i.slot.wanted());
+        for listener in app
+            .listeners
+            .iter()
+            .chain(app.node_servers.values().map(|s| &s.listener))
+        {
+            listener.set_open(serving);
+        }
         let routable: Vec<u32> = app
             .instances
             .iter()
