@@ -180,7 +180,8 @@ pub struct StartArgs {
     /// Exponential backoff between restarts, starting at this delay (x1.5, at most 15s).
     #[arg(long, value_name = "DURATION")]
     pub exp_backoff_restart_delay: Option<String>,
-    /// Time between the stop signal and SIGKILL [default: 1600ms].
+    /// Time from the first stop notice to SIGKILL (a Node cluster worker or one stopped by a
+    /// message gets the stop signal halfway) [default: 1600ms].
     #[arg(long, value_name = "DURATION")]
     pub kill_timeout: Option<String>,
     /// Signal that asks the program to stop [default: SIGTERM].
@@ -216,7 +217,7 @@ pub struct StartArgs {
     #[arg(long, value_name = "MODE")]
     pub exec_mode: Option<String>,
     /// Stop the app by a message instead of the stop signal (Node: `'shutdown'` in
-    /// `process.on('message')`, as with PM2); the signal follows after --kill-timeout.
+    /// `process.on('message')`, as with PM2); the signal follows halfway through --kill-timeout.
     #[arg(long)]
     pub shutdown_with_message: bool,
     /// The app's agent: a script or binary run once per app, started and ready before the

@@ -28,7 +28,8 @@ pub struct LifecycleEvent {
     pub to: Status,
     /// The cause, as one word: `start`, `ready`, `crash`, `stop`, `restart`, `reload`,
     /// `memory`, `cron`, `watch`, `health`, `watchdog`, `unresponsive`, `not-ready`,
-    /// `going-down`, `done`, `spawn-failed`, `crash-loop`, `reset`, ...
+    /// `going-down`, `done`, `spawn-failed`, `crash-loop`, `channel-fault` (see
+    /// `docs/lifecycle.md`)
     pub cause: String,
     /// What happened, for a person.
     pub reason: String,

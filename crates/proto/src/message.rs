@@ -304,7 +304,7 @@ pub struct AppSpec {
     /// Initial delay of exponential backoff between restarts (PM2's `exp_backoff_restart_delay`).
     #[serde(default)]
     pub exp_backoff_restart_delay_ms: Option<u64>,
-    /// Time between the stop signal and SIGKILL.
+    /// Time from the first stop notice (or the stop signal) to SIGKILL of the process group.
     #[serde(default = "defaults::kill_timeout_ms")]
     pub kill_timeout_ms: u64,
     /// Signal that asks the program to stop.
@@ -335,8 +335,8 @@ pub struct AppSpec {
     #[serde(default)]
     pub exec_mode: ExecMode,
     /// Stop by a message on the channel (`'shutdown'` for Node apps, as PM2 sends it; the
-    /// `shutdown` frame for others) instead of the stop signal, which follows only after the
-    /// kill timeout.
+    /// `shutdown` frame for others) instead of the stop signal, which follows halfway through
+    /// the kill timeout (SIGKILL at its end).
     #[serde(default)]
     pub shutdown_with_message: bool,
     /// The app's agent: one more process, started and ready before the workers, stopped after
@@ -639,17 +639,8 @@ impl AppSpec {
     }
 }
 
-/// Where an instance is in its life.
-///
-/// ```text
-///             spawn            stayed up min_uptime
-///  (new) ──────────▶ starting ─────────────────────▶ online
-///                       │  ▲                           │
-///        exited early   │  │ delay over     stop       │ exited
-///                       ▼  │                           ▼
-///   errored ◀─────── backing-off ◀────────────── stopping ──▶ stopped
-///        too many unstable exits                 (group gone)
-/// ```
+/// Where an instance is in its life. `docs/lifecycle.md` draws every state and what moves an
+/// instance between them; `corral_policy::lifecycle` decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Status {
@@ -657,8 +648,8 @@ pub enum Status {
     Starting,
     /// Running and ready.
     Online,
-    /// Running, but it left connections handed to it unacknowledged past their deadline (or
-    /// its health check is failing): it gets no new connection until it answers again.
+    /// Running, but it left connections handed to it unacknowledged past their deadline: it
+    /// gets no new connection until it answers again.
     Unresponsive,
     /// Replaced (by a reload, or because it said it is going down): finishing its work, about to
     /// be stopped; gone from the list once it exits.

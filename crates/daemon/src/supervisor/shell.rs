@@ -152,7 +152,13 @@ impl Supervisor {
                     conduit.send(&MasterMessage::Shutdown);
                     io.shutdown_sent = true;
                 }
-                if io.noticed {
+                if io.noticed && io.port.is_some() {
+                    crate::log!(
+                        "app '{name}' pid {pid}: no connection is relayed to it any more (or \
+                         half its kill timeout passed): sending {}",
+                        Signal::describe(signal)
+                    );
+                } else if io.noticed {
                     crate::log!(
                         "app '{name}' pid {pid} did not exit within {}ms of being asked to \
                          leave: sending {}",

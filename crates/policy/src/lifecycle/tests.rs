@@ -756,3 +756,26 @@ fn random_inputs_keep_the_invariants() {
         }
     }
 }
+
+#[test]
+fn a_stop_exit_code_during_a_replacement_ends_the_replacement_too() {
+    let mut s = sim(|st| {
+        st.ready_by = ReadyBy::Word;
+        st.stop_exit_codes = vec![0];
+    });
+    let old = s.online();
+    s.feed(Input::Replace {
+        cause: Cause::Cron,
+        overlap: true,
+        detail: "cron".into(),
+    });
+    let new = s.spawned();
+    let done = s.at(5000).exit(old, 0);
+    assert!(done.contains(&stop(new, StopStep::Signal)), "{done:?}");
+    s.feed(Input::Ready {
+        pid: new,
+        source: Source::Word,
+    });
+    assert_eq!(s.slot.phase(), Phase::Stopped);
+    assert_eq!(s.slot.routable(), None);
+}

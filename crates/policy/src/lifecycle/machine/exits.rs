@@ -42,6 +42,7 @@ impl Run<'_> {
             && self.settings.stop_exit_codes.contains(&code)
         {
             self.slot.want = false;
+            self.drop_next(Cause::Done, "the instance is done");
             let detail = format!("{how}, one of its stop exit codes: done, not restarted");
             self.enter(Phase::Stopped, Some(pid), Cause::Done, detail);
             return;
