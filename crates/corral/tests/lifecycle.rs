@@ -103,18 +103,6 @@ while True:
     time.sleep(0.1)
 "#;
 
-fn node() -> String {
-    std::env::var("CORRAL_TEST_NODE").unwrap_or_else(|_| "node".to_string())
-}
-
-fn start_js(home: &Home, name: &str, content: &str, args: &[&str]) {
-    let script = home.file(&format!("{name}.js"), content);
-    let node = node();
-    let mut all = vec!["start", arg(&script), "-n", name, "--interpreter", &node];
-    all.extend_from_slice(args);
-    home.ok(&all);
-}
-
 /// The app's lifecycle events, from `corral events --json`.
 fn events(home: &Home, app: &str) -> Vec<Value> {
     home.ok(&["events", app, "--json", "--lines", "200"])

@@ -115,21 +115,6 @@ setInterval(() => {}, 60000);
 
 // ---- helpers ----
 
-/// The `node` under test.
-fn node() -> String {
-    std::env::var("CORRAL_TEST_NODE").unwrap_or_else(|_| "node".to_string())
-}
-
-/// Writes `content` as `<name>.js` and starts it on the `node` under test as app `name`, with
-/// `args` after the script.
-fn start_js(home: &Home, name: &str, content: &str, args: &[&str]) {
-    let script = home.file(&format!("{name}.js"), content);
-    let node = node();
-    let mut all = vec!["start", arg(&script), "-n", name, "--interpreter", &node];
-    all.extend_from_slice(args);
-    home.ok(&all);
-}
-
 /// Where to connect to reach `addr`: the loopback address when it is a wildcard (`[::]` is
 /// dual stack, so 127.0.0.1 reaches it, as it reaches 0.0.0.0).
 fn reachable(addr: SocketAddr) -> SocketAddr {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Home, pid, show, wait_until};
+use crate::support::{Home, arg, pid, show, wait_until};
 
 pub const CLOSE_REQUEST: &[u8] =
     b"GET / HTTP/1.1\r\nHost: corral-test\r\nConnection: close\r\n\r\n";
@@ -380,4 +380,22 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port()
+}
+
+// ---- Node.js fixtures ----
+
+/// The `node` under test: `$CORRAL_TEST_NODE` when set (CI runs the Node tests on 18 and 22
+/// that way), else `node` from `PATH`.
+pub fn node() -> String {
+    std::env::var("CORRAL_TEST_NODE").unwrap_or_else(|_| "node".to_string())
+}
+
+/// Writes `content` as `<name>.js` and starts it on the `node` under test as app `name`, with
+/// `args` after the script.
+pub fn start_js(home: &Home, name: &str, content: &str, args: &[&str]) {
+    let script = home.file(&format!("{name}.js"), content);
+    let node = node();
+    let mut all = vec!["start", arg(&script), "-n", name, "--interpreter", &node];
+    all.extend_from_slice(args);
+    home.ok(&all);
 }

@@ -310,17 +310,22 @@ impl Run<'_> {
                 });
             }
         }
-        let style = self.settings.stop;
-        match self.slot.current.take() {
-            Some(mut proc) => {
-                self.ask_to_stop(&mut proc, style, cause);
-                let pid = proc.pid;
-                self.slot.current = Some(proc);
-                self.enter(Phase::Stopping, Some(pid), cause, String::new());
-            }
-            None if self.slot.phase == Phase::Errored => {}
-            None => self.enter(Phase::Stopped, None, cause, String::new()),
+        if !self.stop_current(cause) && self.slot.phase != Phase::Errored {
+            self.enter(Phase::Stopped, None, cause, String::new());
         }
+    }
+
+    /// Asks the current process to stop, if there is one: the slot is `stopping`.
+    fn stop_current(&mut self, cause: Cause) -> bool {
+        let Some(mut proc) = self.slot.current.take() else {
+            return false;
+        };
+        let style = self.settings.stop;
+        self.ask_to_stop(&mut proc, style, cause);
+        let pid = proc.pid;
+        self.slot.current = Some(proc);
+        self.enter(Phase::Stopping, Some(pid), cause, String::new());
+        true
     }
 
     fn restart(&mut self, cause: Cause) {
@@ -328,16 +333,11 @@ impl Run<'_> {
         self.slot.want = true;
         self.drop_next(cause, "the instance was restarted");
         self.slot.pending_trigger = None;
-        let style = self.settings.stop;
-        match self.slot.current.take() {
-            Some(mut proc) => {
-                self.ask_to_stop(&mut proc, style, cause);
-                let pid = proc.pid;
-                self.slot.current = Some(proc);
-                self.slot.start_after_exit = Some(cause);
-                self.enter(Phase::Stopping, Some(pid), cause, String::new());
-            }
-            None => self.start(cause),
+        if self.slot.current.is_some() {
+            self.slot.start_after_exit = Some(cause);
+            self.stop_current(cause);
+        } else {
+            self.start(cause);
         }
     }
 

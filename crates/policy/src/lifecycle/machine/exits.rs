@@ -170,24 +170,8 @@ impl Run<'_> {
     /// A replacement asked by a policy (memory, cron, health...) failed: that counts as an
     /// unstable restart, so a trigger that fires at every start ends in `errored`.
     fn count_failed_replacement(&mut self, cause: Cause, how: &str) {
-        let mut policy = self.settings.restart;
-        policy.autorestart = true;
-        policy.min_uptime = Duration::MAX;
-        let started = self.slot.current.as_ref().map(|p| p.started);
-        let decision = self
-            .slot
-            .tracker
-            .on_exit(&policy, self.now, ExitCause::Unexpected);
-        if let Some(started) = started {
-            self.slot.tracker.on_spawn(started);
-        }
-        match decision {
-            Decision::Restart { after, .. } => self.slot.replace_not_before = self.now + after,
-            Decision::Errored { unstable_restarts } => {
-                self.give_up(cause, unstable_restarts, &format!("its replacement {how}"));
-            }
-            Decision::Stay => {}
-        }
+        // As a trigger against a young process: it never served, however long it took.
+        let _ = self.count_trigger(cause, &format!("its replacement {how}"), true);
     }
 
     pub(super) fn going_down(&mut self, pid: u32, reason: &str) {

@@ -114,7 +114,7 @@ impl Run<'_> {
 
     /// A policy's restart of a process younger than `min_uptime` is unstable, as a crash is;
     /// too many in a row end in `errored`. Returns whether the replacement goes ahead.
-    fn count_trigger(&mut self, cause: Cause, detail: &str, young: bool) -> bool {
+    pub(super) fn count_trigger(&mut self, cause: Cause, detail: &str, young: bool) -> bool {
         let started = self.slot.current.as_ref().map(|p| p.started);
         let mut policy = self.settings.restart;
         // The user asked for the limit (memory, cron...): it applies with autorestart off too.
