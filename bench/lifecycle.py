@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -463,10 +464,9 @@ def report_idle(cfg, c: dict | None, p: dict | None, pm2_note: str | None) -> li
     out.append(f"| daemon threads | {c['threads']} | {pv.get('threads', na)} | — | — |")
     out.append(f"| daemon inotify watches | {c['inotify_watches']:,} | "
                f"{fmt(pv.get('inotify_watches'), 0) if p else na} | — | — |")
+    p_end = f"{pv.get('online_after')} / {pv.get('restarts_after')}" if p else na
     out.append(f"| online at the end / restarts during the run | {c['online_after']} / "
-               f"{c['restarts_after']} | "
-               f"{(str(pv.get('online_after')) + ' / ' + str(pv.get('restarts_after'))) if p else na}"
-               f" | — | {total} / 0 |")
+               f"{c['restarts_after']} | {p_end} | — | {total} / 0 |")
     out.append("")
     if pm2_note:
         out += [f"PM2: {pm2_note}", ""]
@@ -587,9 +587,9 @@ def report_watch(cfg, c: dict | None, p: dict | None, pm2_note: str | None) -> l
            "",
            f"A file of a watched directory of 10 files is appended to; the times run from the "
            f"write. They include the {cfg.watch_delay} ms watch delay (quiet time after the last "
-           f"change). Median (min–max) of {cfg.watch_runs} in ms; the app is a sleeper that writes "
-           f"its pid to a file outside the watched directory, polled every ms, as is the old "
-           f"pid's liveness.", ""]
+           f"change). Median (min–max) of {cfg.watch_runs} in ms; the app is a sleeper that "
+           f"writes its pid to a file outside the watched directory, polled every ms, as is the "
+           f"old pid's liveness.", ""]
     if c is None:
         return out + ["corral: not measured (see the error above).", ""]
     pv = p or {}
@@ -604,10 +604,9 @@ def report_watch(cfg, c: dict | None, p: dict | None, pm2_note: str | None) -> l
     out.append(f"| write → new process started (ms) | {med_range(c['new_ms'])} | "
                f"{med_range(pv.get('new_ms', [])) if p else 'n/a'} | "
                f"{times(med(pv.get('new_ms', [])), med(c['new_ms']))} |")
+    p_count = f"{len(pv.get('new_ms', []))} / {pv.get('restarts')}" if p else "n/a"
     out.append(f"| trials with a reload / restarts counted | {len(c['new_ms'])} / "
-               f"{c['restarts']} | "
-               f"{(str(len(pv.get('new_ms', []))) + ' / ' + str(pv.get('restarts'))) if p else 'n/a'}"
-               f" | — |")
+               f"{c['restarts']} | {p_count} | — |")
     out.append("")
     if pm2_note:
         out += [f"PM2: {pm2_note}", ""]
@@ -648,6 +647,11 @@ def health_corral(cfg, binary: Path, work: Path) -> dict:
             old = answer_pid()
             if not old:
                 raise Broken(f"corral: the health app does not answer before trial {n + 1}")
+            # A random phase against the probe schedule: the trials start at a fixed time
+            # after the previous restart, so without it every flag lands at the same point of
+            # the 500 ms interval.
+            phase = random.uniform(0, 0.5)
+            time.sleep(phase)
             seq = events.last_seq()
             flag = flags / f"fail-{old}"
             wall0 = time.time()
@@ -663,7 +667,7 @@ def health_corral(cfg, binary: Path, work: Path) -> dict:
                 if pid and pid != old:
                     serve, new_pid = time.perf_counter(), pid
                     break
-            trial = {"old_pid": old, "new_pid": new_pid}
+            trial = {"old_pid": old, "new_pid": new_pid, "phase_ms": phase * 1000}
             ev = events.wait(lambda e: e.get("cause") == "health", seq, 1.0)
             if ev:
                 res["detect_ms"].append(ev["at_ms"] - wall0 * 1000)
@@ -705,10 +709,11 @@ def report_health(cfg, c: dict | None) -> list[str]:
            "SO_REUSEPORT, answers its pid) under `--health http://127.0.0.1:PORT/health "
            "--health-interval 500ms --health-timeout 200ms --health-failures 2`. The flag file "
            "`fail-<pid>` makes that pid's /health answer 503; times from creating it, in ms, "
-           f"median (min–max) of {cfg.health_runs}. Serving is polled with a new connection every "
-           "~5 ms. Expected detection: between interval × (failures − 1) = 500 and interval × "
-           "failures = 1000 ms, by when the first failing probe falls. PM2 has no health checks "
-           "(nothing to compare).", ""]
+           f"median (min–max) of {cfg.health_runs}. Serving is polled with a new connection "
+           "every ~5 ms. Each flag comes after a random 0–500 ms wait, so that it falls "
+           "anywhere in the probe interval. Expected detection: between interval × (failures − 1) "
+           "= 500 and interval × failures = 1000 ms, by when the first failing probe falls. PM2 "
+           "has no health checks (nothing to compare).", ""]
     if c is None:
         return out + ["corral: not measured (see the error above).", ""]
     pieces = []
@@ -788,8 +793,11 @@ def main(argv: list[str]) -> int:
             pm2_note = "not run (`--no-pm2`)."
         elif "idle" in cfg.parts or "watch" in cfg.parts:
             try:
-                pm2_bin = (cfg.pm2.resolve() if cfg.pm2
-                           else install_pm2(cfg.deps.resolve(), cfg.pm2_spec))
+                found = (cfg.pm2.resolve() if cfg.pm2
+                         else install_pm2(cfg.deps.resolve(), cfg.pm2_spec))
+                if not found.is_file():
+                    raise Broken(f"no pm2 executable at {found}")
+                pm2_bin = found
             except Broken as e:
                 pm2_note = f"not available: {e}"
                 say(f"PM2 {pm2_note}")
@@ -807,7 +815,7 @@ def main(argv: list[str]) -> int:
             say(f"--- {part}: {who}")
             try:
                 results[(part, who)] = fn(cfg, pm2_bin if who == "PM2" else binary, work)
-            except Broken as e:
+            except (Broken, OSError) as e:
                 errors.append(f"{part} ({who}): {e}")
                 say(f"error in {part} ({who}): {e}")
                 for m in cfg.managers:
